@@ -1,0 +1,115 @@
+//! The contract between the engine and a device integration.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A command to run against one workload: `{"command", "args", "kwargs"}` on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// The command name; each kind documents the commands it understands.
+    pub command: String,
+    /// Positional arguments (any JSON).
+    #[serde(default)]
+    pub args: Vec<Value>,
+    /// Keyword arguments (any JSON object).
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+}
+
+impl Task {
+    /// A task with a command and no arguments.
+    pub fn new(command: impl Into<String>) -> Self {
+        Task {
+            command: command.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds one keyword argument (builder style).
+    pub fn kwarg(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.kwargs.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds one positional argument (builder style).
+    pub fn arg(mut self, value: impl Into<Value>) -> Self {
+        self.args.push(value.into());
+        self
+    }
+}
+
+/// Why a task did not produce a return value. The engine turns each variant
+/// into a wire error code (`unknown_command`, `invalid_args`, `task_failed`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// The kind does not know this command.
+    #[error("unknown command {0:?}")]
+    UnknownCommand(String),
+    /// The command exists but its arguments are wrong.
+    #[error("invalid arguments: {0}")]
+    InvalidArgs(String),
+    /// The device was asked and the command failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A failure of `init`, `ping` or `stop`: a message for operators.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkloadError(pub String);
+
+impl WorkloadError {
+    /// Builds an error from anything printable.
+    pub fn new(msg: impl std::fmt::Display) -> Self {
+        WorkloadError(msg.to_string())
+    }
+}
+
+/// A spec's `config` was rejected by its kind.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid config for kind {kind:?}: {message}")]
+pub struct ConfigError {
+    /// The kind that rejected it.
+    pub kind: String,
+    /// What is wrong, for the operator.
+    pub message: String,
+}
+
+/// One device integration instance: the handle on one device.
+///
+/// The engine runs each instance inside its own supervised actor and calls
+/// these methods from spawned tasks, with timeouts, so an implementation may
+/// block on I/O freely. Methods take `&self` because a ping may run while a
+/// task is in flight (and several tasks at once when a spec raises its
+/// concurrency); use interior mutability for connection state.
+///
+/// A panic in any method is contained: the task (if any) answers `panicked`
+/// and the instance is thrown away and rebuilt by the supervisor with backoff.
+#[async_trait]
+pub trait Workload: Send + Sync + 'static {
+    /// Connects to the device. Called once per instance, off the caller's path,
+    /// with the node's init timeout; a failure is retried with capped backoff.
+    async fn init(&self) -> Result<(), WorkloadError>;
+    /// Checks that the device answers. Called on a randomised interval.
+    async fn ping(&self) -> Result<(), WorkloadError>;
+    /// Runs one command and returns any JSON.
+    async fn run_task(&self, task: &Task) -> Result<Value, TaskError>;
+    /// Disconnects. Called on delete, with the node's stop timeout.
+    async fn stop(&self) -> Result<(), WorkloadError>;
+    /// Free-form information shown by `info`-style tooling.
+    fn info(&self) -> Value {
+        Value::Null
+    }
+}
+
+/// A device kind: builds [`Workload`] instances from a spec's JSON config.
+pub trait Kind: Send + Sync + 'static {
+    /// The kind's name, as written in specs (`"sim"`).
+    fn name(&self) -> &str;
+    /// Validates `config` and builds an instance for workload `id`.
+    /// Must not do I/O: connecting belongs in [`Workload::init`].
+    fn create(&self, id: &str, config: &Value) -> Result<Arc<dyn Workload>, ConfigError>;
+}

@@ -1,0 +1,650 @@
+//! The node: a handle on a set of supervised workloads.
+//!
+//! ```text
+//!   Node (cheap handle, Arc<Shared>)
+//!     │ add / delete / run_task / workloads / scheduled / subscribe / stop
+//!     ▼
+//!   Shared ── registry: id → Slot ──────────────┐
+//!     │                                         │
+//!     ├── Supervisor actor ── WorkloadActor × N (linked, one per workload)
+//!     ├── health scheduler task ── Ping ──────▶ WorkloadActor
+//!     ├── state writer task ── create / CAS ──▶ StateStore bucket <prefix>_state
+//!     └── TaskServer ◀── requests on <prefix>.task.<id> ── Transport
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ottomato_actors::Kind;
+use ractor::{Actor, ActorRef};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::events::{ErrorCallback, Event, EventBus, EventCallback, EventReceiver};
+use crate::kinds::Kinds;
+use crate::spec::{validate_id, WorkloadSpec};
+use crate::status::{ScheduledJob, Status, WorkloadInfo};
+use crate::store::{MemoryStore, StateStore};
+use crate::subjects::Subjects;
+use crate::transport::{MemoryTransport, RequestHandler, Transport};
+use crate::wire::{ErrorCode, Task, TaskResult};
+
+mod guard;
+mod health;
+mod serve;
+mod slot;
+mod state_writer;
+mod supervisor;
+mod workload_actor;
+
+use slot::Slot;
+use state_writer::WriteCmd;
+use supervisor::{Supervisor, SupervisorMsg};
+use workload_actor::{QueuedTask, TaskOutcome, WorkloadMsg};
+
+/// Extra time the caller waits past a task's deadline for the workload's own
+/// `deadline_exceeded` answer before answering it itself.
+const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// State shared by the node handle, its actors and its tasks.
+pub(crate) struct Shared {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) node_id: Arc<str>,
+    hostname: Arc<str>,
+    pub(crate) kinds: Kinds,
+    pub(crate) subjects: Subjects,
+    registry: RwLock<HashMap<Arc<str>, Arc<Slot>>>,
+    /// Signalled whenever a workload is removed (for `stop`).
+    removed: Notify,
+    pub(crate) events: EventBus,
+    errors: broadcast::Sender<NodeError>,
+    health: mpsc::UnboundedSender<Arc<Slot>>,
+    writer: OnceLock<mpsc::UnboundedSender<WriteCmd>>,
+    pub(crate) transport: Arc<dyn Transport>,
+    server: OnceLock<Arc<dyn RequestHandler>>,
+    supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Slot>>> {
+        // Inserts and removes are single operations: a panic can't leave it torn.
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Slot>>> {
+        self.registry.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn slot(&self, id: &str) -> Option<Arc<Slot>> {
+        self.registry().get(id).cloned()
+    }
+
+    /// Whether `slot` is still the node's record for its id.
+    pub(crate) fn holds(&self, slot: &Arc<Slot>) -> bool {
+        self.registry()
+            .get(&slot.id)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+    }
+
+    /// Queues a state write for `slot` (coalesced).
+    pub(crate) fn status_changed(&self, slot: &Arc<Slot>) {
+        if !slot.dirty.swap(true, Ordering::AcqRel) {
+            if let Some(w) = self.writer.get() {
+                let _ = w.send(WriteCmd::Upsert(slot.clone()));
+            }
+        }
+    }
+
+    pub(crate) fn schedule_health_checks(&self, slot: &Arc<Slot>) {
+        let _ = self.health.send(slot.clone());
+    }
+
+    pub(crate) fn report_error(&self, e: NodeError) {
+        let _ = self.errors.send(e);
+    }
+
+    /// Starts removing a workload: stop its actor, then `finish_removal`.
+    pub(crate) fn request_delete(&self, slot: &Arc<Slot>) -> Result<(), NodeError> {
+        {
+            let mut g = slot.lock();
+            if g.deleting {
+                return Err(NodeError::Stopping(slot.id.to_string()));
+            }
+            g.deleting = true;
+        }
+        slot.cancel_health_checks();
+        self.send_supervisor(SupervisorMsg::Delete(slot.clone()))
+    }
+
+    /// The node has lost the right to run `slot`: stop it now, and do not
+    /// touch its state key again.
+    pub(crate) fn fence(&self, slot: &Arc<Slot>, reason: String) {
+        tracing::error!(workload = &*slot.id, %reason, "fencing workload");
+        {
+            let mut g = slot.lock();
+            g.fenced = Some(reason.clone().into_boxed_str());
+            if g.deleting {
+                return;
+            }
+            g.deleting = true;
+        }
+        slot.cancel_health_checks();
+        self.events.emit(Event::Failed {
+            workload: slot.id.clone(),
+            reason: reason.clone(),
+        });
+        self.report_error(NodeError::Backend(format!("workload {}: {reason}", slot.id)));
+        let _ = self.send_supervisor(SupervisorMsg::Delete(slot.clone()));
+    }
+
+    /// The last step of a delete: the actor is gone.
+    pub(crate) fn finish_removal(&self, slot: &Arc<Slot>) {
+        slot.cancel_health_checks();
+        let fenced = slot.lock().fenced.is_some();
+        {
+            let mut reg = self.registry_mut();
+            if reg.get(&slot.id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                reg.remove(&slot.id);
+            }
+        }
+        if !fenced {
+            if let Some(w) = self.writer.get() {
+                let _ = w.send(WriteCmd::Remove(slot.id.clone()));
+            }
+        }
+        tracing::info!(workload = &*slot.id, "deleted");
+        self.events.emit(Event::Deleted {
+            workload: slot.id.clone(),
+        });
+        self.removed.notify_waiters();
+    }
+
+    fn send_supervisor(&self, msg: SupervisorMsg) -> Result<(), NodeError> {
+        self.supervisor
+            .get()
+            .ok_or(NodeError::ShuttingDown)?
+            .send_message(msg)
+            .map_err(|_| NodeError::ShuttingDown)
+    }
+
+    /// Builds the result of a task for `id`.
+    pub(crate) fn result(
+        &self,
+        id: &str,
+        slot: Option<&Slot>,
+        task: Task,
+        result: Result<serde_json::Value, (ErrorCode, String)>,
+        elapsed: Duration,
+    ) -> TaskResult {
+        let (success, ret, error, error_code) = match result {
+            Ok(v) => (true, v, None, None),
+            Err((code, msg)) => (false, serde_json::Value::Null, Some(msg), Some(code)),
+        };
+        TaskResult {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            worker_id: self.node_id.to_string(),
+            workload: id.to_string(),
+            hostname: self.hostname.to_string(),
+            tags: slot.map(|s| s.spec.labels.clone()).unwrap_or_default(),
+            command: task.command,
+            args: task.args,
+            kwargs: task.kwargs,
+            success,
+            error,
+            error_code,
+            ret,
+            timestamp: SystemTime::now(),
+            execution_time: elapsed.as_secs_f64() * 1000.0,
+        }
+    }
+
+    pub(crate) async fn run_task(&self, id: &str, task: Task, timeout: Duration) -> TaskResult {
+        let Some(slot) = self.slot(id) else {
+            return self.result(
+                id,
+                None,
+                task,
+                Err((ErrorCode::NotFound, format!("workload {id:?} not found on this node"))),
+                Duration::ZERO,
+            );
+        };
+        let (actor, refusal) = {
+            let g = slot.lock();
+            let refusal = match g.status {
+                _ if g.deleting => Some("workload is being deleted".to_string()),
+                Status::Failed | Status::Restarting => Some(format!(
+                    "workload is {}: {}",
+                    g.status,
+                    g.reason.as_deref().unwrap_or("no reason given")
+                )),
+                _ => None,
+            };
+            (g.actor.clone(), refusal)
+        };
+        let actor = match (actor, refusal) {
+            (Some(actor), None) => actor,
+            (_, refusal) => {
+                let msg = refusal.unwrap_or_else(|| "workload has no running actor".into());
+                return self.result(id, Some(&slot), task, Err((ErrorCode::Unavailable, msg)), Duration::ZERO);
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        let command = task.command.clone();
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let queued = QueuedTask {
+            task,
+            deadline,
+            reply: tx.into(),
+        };
+        if let Err(ractor::MessagingErr::SendErr(WorkloadMsg::RunTask(q))) =
+            actor.send_message(WorkloadMsg::RunTask(queued))
+        {
+            let msg = "workload actor just stopped; retry".to_string();
+            return self.result(id, Some(&slot), q.task, Err((ErrorCode::Unavailable, msg)), Duration::ZERO);
+        }
+        let lost = |code, msg: &str| {
+            self.result(id, Some(&slot), Task::new(command.clone()), Err((code, msg.to_string())), Duration::ZERO)
+        };
+        match tokio::time::timeout_at(deadline + DEADLINE_GRACE, rx).await {
+            Ok(Ok(TaskOutcome {
+                task,
+                result,
+                elapsed,
+            })) => self.result(id, Some(&slot), task, result, elapsed),
+            Ok(Err(_)) => lost(ErrorCode::Unavailable, "workload restarted before answering"),
+            Err(_) => lost(ErrorCode::DeadlineExceeded, "no answer within the deadline"),
+        }
+    }
+}
+
+/// A running node. Cheap to clone; every clone drives the same node.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.shared.node_id)
+            .field("workloads", &self.shared.registry().len())
+            .finish()
+    }
+}
+
+impl Node {
+    /// Starts building a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.cfg
+    }
+
+    /// The transport its workloads' task subjects are served on.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.shared.transport.clone()
+    }
+
+    /// The subject and bucket names it uses.
+    pub fn subjects(&self) -> &Subjects {
+        &self.shared.subjects
+    }
+
+    /// Adds a workload and starts it: returns once its actor is being started,
+    /// without waiting for `init`. Refuses an invalid id, a duplicate id, an
+    /// unknown kind or a config the kind rejects.
+    pub async fn add_workload(&self, spec: WorkloadSpec) -> Result<(), NodeError> {
+        let sh = &self.shared;
+        if sh.shutting_down.load(Ordering::Acquire) {
+            return Err(NodeError::ShuttingDown);
+        }
+        validate_id(&spec.id).map_err(NodeError::InvalidId)?;
+        let device = sh.kinds.create(&spec)?;
+        let slot = Arc::new(Slot::new(spec));
+        {
+            let mut reg = sh.registry_mut();
+            if let Some(existing) = reg.get(&slot.id) {
+                return Err(if existing.lock().deleting {
+                    NodeError::Stopping(slot.id.to_string())
+                } else {
+                    NodeError::AlreadyExists(slot.id.to_string())
+                });
+            }
+            reg.insert(slot.id.clone(), slot.clone());
+        }
+        sh.status_changed(&slot);
+        sh.events.emit(Event::Added {
+            workload: slot.id.clone(),
+        });
+        if let Some(server) = sh.server.get() {
+            let subject = sh.subjects.task(&slot.id);
+            if let Err(e) = sh.transport.serve(&subject, server.clone()).await {
+                sh.report_error(NodeError::Backend(format!("serve {subject}: {e}")));
+            }
+        }
+        sh.send_supervisor(SupervisorMsg::Spawn(slot, device))
+    }
+
+    /// Deletes a workload: it stops taking tasks at once; its device's `stop`
+    /// runs in the background (with the stop timeout) and `Deleted` follows.
+    pub fn delete_workload(&self, id: &str) -> Result<(), NodeError> {
+        let slot = self
+            .shared
+            .slot(id)
+            .ok_or_else(|| NodeError::NotFound(id.to_string()))?;
+        self.shared.request_delete(&slot)
+    }
+
+    /// A snapshot of every workload, sorted by id.
+    pub fn workloads(&self) -> Vec<WorkloadInfo> {
+        let slots: Vec<Arc<Slot>> = self.shared.registry().values().cloned().collect();
+        let mut v: Vec<WorkloadInfo> = slots.iter().map(|s| s.info()).collect();
+        v.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// One workload's snapshot.
+    pub fn workload(&self, id: &str) -> Option<WorkloadInfo> {
+        self.shared.slot(id).map(|s| s.info())
+    }
+
+    /// How many workloads are in each status (cheaper than `workloads()`).
+    pub fn count_by_status(&self) -> HashMap<Status, usize> {
+        let slots: Vec<Arc<Slot>> = self.shared.registry().values().cloned().collect();
+        let mut m = HashMap::new();
+        for s in slots {
+            *m.entry(s.status()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Number of workloads on the node.
+    pub fn len(&self) -> usize {
+        self.shared.registry().len()
+    }
+
+    /// Whether the node has no workloads.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The health-check jobs: one per initialised workload, with last and next run.
+    pub fn scheduled(&self) -> Vec<ScheduledJob> {
+        let slots: Vec<Arc<Slot>> = self.shared.registry().values().cloned().collect();
+        let mut v: Vec<ScheduledJob> = slots
+            .iter()
+            .map(|s| s.scheduled())
+            .filter(|j| j.next_run.is_some())
+            .collect();
+        v.sort_unstable_by(|a, b| a.workload.cmp(&b.workload));
+        v
+    }
+
+    /// Runs a task with the node's default deadline.
+    pub async fn run_task(&self, id: &str, task: Task) -> TaskResult {
+        self.shared
+            .run_task(id, task, self.shared.cfg.task_timeout)
+            .await
+    }
+
+    /// Runs a task with its own deadline.
+    pub async fn run_task_with_timeout(&self, id: &str, task: Task, timeout: Duration) -> TaskResult {
+        self.shared.run_task(id, task, timeout).await
+    }
+
+    /// Subscribes to lifecycle events. A subscriber that falls more than
+    /// `event_capacity` events behind misses the oldest (`RecvError::Lagged`);
+    /// it never slows the node.
+    pub fn subscribe(&self) -> EventReceiver {
+        self.shared.events.subscribe()
+    }
+
+    /// Waits until every status change so far is written to the state store.
+    pub async fn flush_state(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Some(w) = self.shared.writer.get() {
+            if w.send(WriteCmd::Flush(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Stops the node: deletes every workload (their stops run in parallel,
+    /// each bounded by the stop timeout) and waits for them, then stops the
+    /// supervisor. Further calls are refused with `ShuttingDown`.
+    pub async fn stop(&self) {
+        let sh = &self.shared;
+        sh.shutting_down.store(true, Ordering::Release);
+        let slots: Vec<Arc<Slot>> = sh.registry().values().cloned().collect();
+        for slot in &slots {
+            let _ = sh.request_delete(slot);
+        }
+        let deadline = Instant::now() + sh.cfg.stop_timeout + Duration::from_secs(2);
+        loop {
+            let removed = sh.removed.notified();
+            if sh.registry().is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            let _ = tokio::time::timeout_at(deadline, removed).await;
+        }
+        self.flush_state().await;
+        if let Some(sup) = sh.supervisor.get() {
+            let _ = sup.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+    }
+}
+
+/// Builds a [`Node`] with the original's options.
+#[derive(Default)]
+pub struct NodeBuilder {
+    cfg: NodeConfig,
+    kinds: Kinds,
+    on_event: Vec<EventCallback>,
+    on_error: Vec<ErrorCallback>,
+    store: Option<Arc<dyn StateStore>>,
+    transport: Option<Arc<dyn Transport>>,
+    subjects: Option<Subjects>,
+}
+
+impl NodeBuilder {
+    /// Replaces all settings at once.
+    pub fn config(mut self, cfg: NodeConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// The node id (a random UUID when not set).
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.cfg.node_id = id.into();
+        self
+    }
+
+    /// Adds a device kind the node can run.
+    pub fn kind(mut self, kind: impl Kind) -> Self {
+        self.kinds.register(kind);
+        self
+    }
+
+    /// Bounds of the random interval between pings.
+    pub fn ping_splay(mut self, min: Duration, max: Duration) -> Self {
+        self.cfg.ping_splay_min = min;
+        self.cfg.ping_splay_max = max;
+        self
+    }
+
+    /// How long a ping may take.
+    pub fn ping_timeout(mut self, d: Duration) -> Self {
+        self.cfg.ping_timeout = d;
+        self
+    }
+
+    /// Consecutive failed pings that make a workload dead.
+    pub fn ping_down_threshold(mut self, n: u32) -> Self {
+        self.cfg.ping_down_threshold = n;
+        self
+    }
+
+    /// Delete dead workloads instead of checking them until they recover.
+    pub fn remove_dead(mut self, yes: bool) -> Self {
+        self.cfg.remove_dead = yes;
+        self
+    }
+
+    /// How long `init` may take.
+    pub fn init_timeout(mut self, d: Duration) -> Self {
+        self.cfg.init_timeout = d;
+        self
+    }
+
+    /// How long `stop` may take.
+    pub fn stop_timeout(mut self, d: Duration) -> Self {
+        self.cfg.stop_timeout = d;
+        self
+    }
+
+    /// Default task deadline.
+    pub fn task_timeout(mut self, d: Duration) -> Self {
+        self.cfg.task_timeout = d;
+        self
+    }
+
+    /// Tasks that may wait per workload before `busy`.
+    pub fn queue_capacity(mut self, n: u32) -> Self {
+        self.cfg.queue_capacity = n;
+        self
+    }
+
+    /// Called with every event, on the node's callback task.
+    pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.on_event.push(Arc::new(f));
+        self
+    }
+
+    /// Called with every error the node reports in the background.
+    pub fn on_error(mut self, f: impl Fn(&NodeError) + Send + Sync + 'static) -> Self {
+        self.on_error.push(Arc::new(f));
+        self
+    }
+
+    /// Where status is written (in-memory by default).
+    pub fn state_store(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Where task requests arrive (in-memory by default).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Subject and bucket prefix (`otto` by default).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.subjects = Some(Subjects::new(prefix));
+        self
+    }
+
+    /// Starts the node. Must run inside a tokio runtime.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        let mut cfg = self.cfg;
+        cfg.validate().map_err(NodeError::InvalidSettings)?;
+        if cfg.node_id.is_empty() {
+            cfg.node_id = uuid::Uuid::new_v4().to_string();
+        }
+        let subjects = self.subjects.unwrap_or_default();
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn StateStore>);
+        let bucket = store
+            .bucket(&subjects.state_bucket())
+            .await
+            .map_err(|e| NodeError::Backend(e.to_string()))?;
+        let transport = self
+            .transport
+            .unwrap_or_else(|| Arc::new(MemoryTransport::new()) as Arc<dyn Transport>);
+        let events = EventBus::new(cfg.event_capacity);
+        let (errors, _) = broadcast::channel(cfg.event_capacity.max(1));
+        let hostname = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let shared = Arc::new(Shared {
+            node_id: cfg.node_id.as_str().into(),
+            health: health::spawn(&cfg),
+            cfg,
+            hostname: hostname.into(),
+            kinds: self.kinds,
+            subjects,
+            registry: RwLock::new(HashMap::new()),
+            removed: Notify::new(),
+            events,
+            errors,
+            writer: OnceLock::new(),
+            transport,
+            server: OnceLock::new(),
+            supervisor: OnceLock::new(),
+            shutting_down: AtomicBool::new(false),
+        });
+        let _ = shared.writer.set(state_writer::spawn(
+            Arc::downgrade(&shared),
+            bucket,
+            shared.node_id.clone(),
+        ));
+        let _ = shared.server.set(Arc::new(serve::TaskServer {
+            shared: Arc::downgrade(&shared),
+        }));
+        spawn_callbacks(&shared, self.on_event, self.on_error);
+        let (sup, _) = Actor::spawn(None, Supervisor, shared.clone())
+            .await
+            .map_err(|e| NodeError::Backend(format!("starting supervisor: {e}")))?;
+        let _ = shared.supervisor.set(sup);
+        tracing::info!(node = &*shared.node_id, "node started");
+        Ok(Node { shared })
+    }
+}
+
+/// Runs the callbacks on their own task, fed by their own subscriptions, so
+/// a slow callback delays only itself.
+fn spawn_callbacks(shared: &Arc<Shared>, on_event: Vec<EventCallback>, on_error: Vec<ErrorCallback>) {
+    if !on_event.is_empty() {
+        let mut rx = shared.events.subscribe();
+        let errors = shared.errors.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => on_event.iter().for_each(|f| f(&e)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = errors.send(NodeError::Backend(format!(
+                            "event callback fell behind; {n} events skipped"
+                        )));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+    if !on_error.is_empty() {
+        let mut rx = shared.errors.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => on_error.iter().for_each(|f| f(&e)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,119 @@
+//! The state writer: mirrors each workload's status into the state store
+//! (`<prefix>_state`, key = workload id), the record operators watch.
+//!
+//! The first write is a create-if-absent (the claim); every later write is a
+//! compare-and-set on the revision this node last wrote. Losing one means
+//! somebody else wrote the key: the node has lost the workload and fences it
+//! (stops its actor) before anything else. Writes coalesce: a slot queued
+//! twice is written once, with its latest status.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::slot::Slot;
+use super::Shared;
+use crate::store::{KvBucket, StoreError};
+use crate::NodeError;
+
+pub(crate) enum WriteCmd {
+    Upsert(Arc<Slot>),
+    Remove(Arc<str>),
+    /// Answer once everything queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The JSON value of a state key.
+#[derive(Serialize)]
+struct StateRecord<'a> {
+    owner: &'a str,
+    kind: &'a str,
+    status: &'static str,
+    #[serde(with = "crate::wire::rfc3339")]
+    since: SystemTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    restarts: u32,
+}
+
+pub(crate) fn spawn(
+    shared: std::sync::Weak<Shared>,
+    bucket: Arc<dyn KvBucket>,
+    node_id: Arc<str>,
+) -> mpsc::UnboundedSender<WriteCmd> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut revisions: HashMap<Arc<str>, u64> = HashMap::new();
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                WriteCmd::Upsert(slot) => {
+                    slot.dirty.store(false, Ordering::Release);
+                    let Some(shared) = shared.upgrade() else { return };
+                    if !shared.holds(&slot) {
+                        continue; // removed since it was queued
+                    }
+                    let value = {
+                        let g = slot.lock();
+                        if g.deleting && g.fenced.is_some() {
+                            continue;
+                        }
+                        let rec = StateRecord {
+                            owner: &node_id,
+                            kind: &slot.spec.kind,
+                            status: g.status.as_str(),
+                            since: g.since,
+                            reason: g.reason.as_deref(),
+                            restarts: g.restarts,
+                        };
+                        match serde_json::to_vec(&rec) {
+                            Ok(v) => Bytes::from(v),
+                            Err(_) => continue, // plain strings and numbers always serialise
+                        }
+                    };
+                    let written = match revisions.get(&slot.id) {
+                        None => bucket.create(&slot.id, value).await,
+                        Some(rev) => bucket.update(&slot.id, value, *rev).await,
+                    };
+                    match written {
+                        Ok(rev) => {
+                            revisions.insert(slot.id.clone(), rev);
+                        }
+                        Err(e) => {
+                            revisions.remove(&slot.id);
+                            match e {
+                                StoreError::AlreadyExists { .. }
+                                | StoreError::RevisionMismatch { .. } => shared.fence(
+                                    &slot,
+                                    format!("claim lost: state key was written by someone else ({e})"),
+                                ),
+                                StoreError::Backend(m) => shared.report_error(NodeError::Backend(
+                                    format!("writing state of {}: {m}", slot.id),
+                                )),
+                            }
+                        }
+                    }
+                }
+                WriteCmd::Remove(id) => {
+                    if let Some(rev) = revisions.remove(&id) {
+                        if let Err(e) = bucket.delete(&id, Some(rev)).await {
+                            if let Some(shared) = shared.upgrade() {
+                                shared.report_error(NodeError::Backend(format!(
+                                    "deleting state of {id}: {e}"
+                                )));
+                            }
+                        }
+                    }
+                }
+                WriteCmd::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    });
+    tx
+}

@@ -1,0 +1,213 @@
+//! Wire types: the JSON every client sees. Only this module (and the
+//! transports) know the field names; internal types convert by hand.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use ottomato_actors::Task;
+
+/// What went wrong with a task, as a stable snake_case code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No workload with that id on this node.
+    NotFound,
+    /// The workload's queue is full; retry later.
+    Busy,
+    /// The task's deadline passed (queued or running).
+    DeadlineExceeded,
+    /// The kind does not know the command.
+    UnknownCommand,
+    /// The command's arguments are wrong.
+    InvalidArgs,
+    /// The device ran the command and it failed.
+    TaskFailed,
+    /// The device implementation panicked; the workload is being restarted.
+    Panicked,
+    /// The workload can't take tasks now (restarting, failed, being deleted).
+    Unavailable,
+    /// The request was not a valid task.
+    MalformedRequest,
+    /// The request is larger than the node accepts.
+    PayloadTooLarge,
+}
+
+impl ErrorCode {
+    /// The wire name (`"busy"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Busy => "busy",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::InvalidArgs => "invalid_args",
+            ErrorCode::TaskFailed => "task_failed",
+            ErrorCode::Panicked => "panicked",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::MalformedRequest => "malformed_request",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task request on the wire: the [`Task`] fields plus an optional deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    /// The command.
+    pub command: String,
+    /// Positional arguments.
+    #[serde(default)]
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    /// Deadline in milliseconds (the node's default when absent).
+    #[serde(default, rename = "timeoutMs", skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl TaskRequest {
+    /// Splits into the task and its deadline.
+    pub fn into_parts(self) -> (Task, Option<Duration>) {
+        (
+            Task {
+                command: self.command,
+                args: self.args,
+                kwargs: self.kwargs,
+            },
+            self.timeout_ms.map(Duration::from_millis),
+        )
+    }
+}
+
+/// The result of one task: the original's JSON field names, plus `workload`
+/// and `errorCode`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResult {
+    /// A fresh UUID per task.
+    pub job_id: String,
+    /// The node that answered.
+    pub worker_id: String,
+    /// The workload the task was for.
+    pub workload: String,
+    /// The answering node's host name.
+    pub hostname: String,
+    /// The workload's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// The command.
+    pub command: String,
+    /// Its positional arguments.
+    pub args: Vec<Value>,
+    /// Its keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// Whether the command ran and succeeded.
+    pub success: bool,
+    /// The error message, `null` on success.
+    pub error: Option<String>,
+    /// The error code, `null` on success.
+    pub error_code: Option<ErrorCode>,
+    /// What the command returned (`null` on failure).
+    #[serde(rename = "return")]
+    pub ret: Value,
+    /// When the result was made (RFC 3339).
+    #[serde(with = "rfc3339")]
+    pub timestamp: SystemTime,
+    /// How long the device took, in milliseconds.
+    pub execution_time: f64,
+}
+
+/// RFC 3339 timestamps for `SystemTime` fields.
+pub(crate) mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        humantime::parse_rfc3339_weak(s).map_err(D::Error::custom)
+    }
+}
+
+/// RFC 3339 timestamps for `Option<SystemTime>` fields (`null` when absent).
+pub(crate) mod rfc3339_opt {
+    use std::time::SystemTime;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        match Option::<&str>::deserialize(d)? {
+            Some(s) => humantime::parse_rfc3339_weak(s)
+                .map(Some)
+                .map_err(D::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_uses_the_original_field_names() {
+        let r = TaskResult {
+            job_id: "j".into(),
+            worker_id: "w".into(),
+            workload: "d1".into(),
+            hostname: "h".into(),
+            tags: BTreeMap::new(),
+            command: "echo".into(),
+            args: vec![],
+            kwargs: Map::new(),
+            success: false,
+            error: Some("queue full".into()),
+            error_code: Some(ErrorCode::Busy),
+            ret: Value::Null,
+            timestamp: SystemTime::UNIX_EPOCH,
+            execution_time: 1.5,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "jobId", "workerId", "workload", "hostname", "command", "args", "kwargs", "success",
+            "error", "errorCode", "return", "timestamp", "executionTime",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        assert_eq!(v["errorCode"], "busy");
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
+        let back: TaskResult = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn request_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<TaskRequest>(r#"{"command":"x","argz":[]}"#).is_err());
+        let r: TaskRequest = serde_json::from_str(r#"{"command":"x","timeoutMs":5}"#).unwrap();
+        assert_eq!(r.into_parts().1, Some(Duration::from_millis(5)));
+    }
+}
