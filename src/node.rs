@@ -118,6 +118,8 @@ impl Shared {
             g.deleting = true;
         }
         slot.cancel_health_checks();
+        slot.set_status(Status::Stopping, None);
+        self.status_changed(slot);
         self.send_supervisor(SupervisorMsg::Delete(slot.clone()))
     }
 

@@ -1,0 +1,249 @@
+//! `ottomato bench core`: memory per idle workload, in-process task rate and
+//! time to start N workloads, each against a raw ractor baseline measured in
+//! the same run, with A/B rounds alternated.
+//!
+//! Memory is measured in fresh child processes (this binary, re-executed with
+//! `bench core-child`) so one measurement's heap can't flatter the next.
+
+use std::process::Command as Proc;
+use std::time::{Duration, Instant};
+
+use clap::{Subcommand, ValueEnum};
+use futures::StreamExt;
+use ottomato::actors::sim::SimKind;
+use ottomato::demo::rss_bytes;
+use ottomato::{Node, Status, Task, WorkloadSpec};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Core engine: memory per idle workload, task rate, start time.
+    #[command(after_help = "Example:\n  cargo run --release -- bench core --workloads 100000")]
+    Core {
+        /// Workloads (and bare actors) per memory measurement.
+        #[arg(long, default_value_t = 100_000)]
+        workloads: usize,
+        /// A/B rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Tasks per task-rate measurement.
+        #[arg(long, default_value_t = 200_000)]
+        tasks: usize,
+        /// Tasks in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+    /// (internal) one memory measurement in a fresh process.
+    #[command(hide = true)]
+    CoreChild {
+        #[arg(long)]
+        what: What,
+        #[arg(long)]
+        n: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize)]
+pub(crate) enum What {
+    /// Bare ractor actors (the floor).
+    Floor,
+    /// Idle sim workloads on a node.
+    Workloads,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChildReport {
+    bytes_per_item: f64,
+    start_secs: f64,
+}
+
+/// The floor: an actor that does nothing.
+struct Bare;
+
+#[ractor::async_trait]
+impl Actor for Bare {
+    type Msg = RpcReplyPort<u64>;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        reply: Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = reply.send(1);
+        Ok(())
+    }
+}
+
+async fn bench_node() -> anyhow::Result<Node> {
+    Ok(Node::builder().node_id("bench").kind(SimKind).start().await?)
+}
+
+async fn add_and_settle(node: &Node, prefix: &str, n: usize) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let before = node.len();
+    for i in 0..n {
+        node.add_workload(WorkloadSpec::new(format!("{prefix}{i:07}"), "sim"))
+            .await?;
+    }
+    loop {
+        let running = node.count_by_status().get(&Status::Running).copied();
+        if running == Some(before + n) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("workloads did not all reach running within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn child(what: What, n: usize) -> anyhow::Result<()> {
+    // Warm up the runtime and allocator before the first reading.
+    let node = bench_node().await?;
+    add_and_settle(&node, "warm", 100).await?;
+    let mut keep = Vec::new();
+    let before = rss_bytes().unwrap_or(0);
+    let t = Instant::now();
+    let start_secs = match what {
+        What::Floor => {
+            keep.reserve(n);
+            for _ in 0..n {
+                keep.push(Actor::spawn(None, Bare, ()).await?.0);
+            }
+            t.elapsed().as_secs_f64()
+        }
+        What::Workloads => add_and_settle(&node, "w", n).await?.as_secs_f64(),
+    };
+    // Let deferred frees and first pings settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes().unwrap_or(0);
+    let report = ChildReport {
+        bytes_per_item: after.saturating_sub(before) as f64 / n as f64,
+        start_secs,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    std::process::exit(0); // skip teardown: only the reading matters
+}
+
+fn measure_in_child(what: What, n: usize) -> anyhow::Result<ChildReport> {
+    let exe = std::env::current_exe()?;
+    let out = Proc::new(exe)
+        .args(["bench", "core-child", "--what"])
+        .arg(format!("{what:?}").to_lowercase())
+        .args(["--n", &n.to_string()])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "child {what:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(line.trim())?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn task_rate_ours(node: &Node, ids: &[String], tasks: usize, conc: usize) -> f64 {
+    let t = Instant::now();
+    let n = node.clone();
+    let ids = ids.to_vec();
+    let ok = futures::stream::iter(0..tasks)
+        .map(move |i| {
+            let node = n.clone();
+            let id = ids[i % ids.len()].clone();
+            async move { node.run_task(&id, Task::new("echo").arg(1)).await.success }
+        })
+        .buffer_unordered(conc)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    assert_eq!(ok, tasks, "some benchmark tasks failed");
+    tasks as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn task_rate_raw(actors: &[ActorRef<RpcReplyPort<u64>>], tasks: usize, conc: usize) -> f64 {
+    let t = Instant::now();
+    let actors = actors.to_vec();
+    futures::stream::iter(0..tasks)
+        .map(move |i| {
+            let a = actors[i % actors.len()].clone();
+            async move {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                let _ = a.send_message(tx.into());
+                rx.await.unwrap_or(0)
+            }
+        })
+        .buffer_unordered(conc)
+        .count()
+        .await;
+    tasks as f64 / t.elapsed().as_secs_f64()
+}
+
+pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::CoreChild { what, n } => child(what, n).await,
+        BenchCommand::Core {
+            workloads,
+            rounds,
+            tasks,
+            concurrency,
+        } => {
+            let (mut floor, mut ours, mut start_ours, mut start_floor) =
+                (vec![], vec![], vec![], vec![]);
+            for r in 0..rounds {
+                eprintln!("memory round {}/{rounds}: {workloads} bare actors, then {workloads} workloads", r + 1);
+                let f = measure_in_child(What::Floor, workloads)?;
+                let o = measure_in_child(What::Workloads, workloads)?;
+                floor.push(f.bytes_per_item);
+                start_floor.push(f.start_secs);
+                ours.push(o.bytes_per_item);
+                start_ours.push(o.start_secs);
+            }
+            // Task rate: 10k workloads vs 10k bare echo actors, same concurrency.
+            let targets = workloads.min(10_000);
+            let node = bench_node().await?;
+            add_and_settle(&node, "w", targets).await?;
+            let ids: Vec<String> = (0..targets).map(|i| format!("w{i:07}")).collect();
+            let mut actors = Vec::with_capacity(targets);
+            for _ in 0..targets {
+                actors.push(Actor::spawn(None, Bare, ()).await?.0);
+            }
+            let (mut rate_ours, mut rate_raw) = (vec![], vec![]);
+            for r in 0..rounds {
+                eprintln!("task round {}/{rounds}: {tasks} tasks at {concurrency} in flight", r + 1);
+                rate_raw.push(task_rate_raw(&actors, tasks, concurrency).await);
+                rate_ours.push(task_rate_ours(&node, &ids, tasks, concurrency).await);
+            }
+            let (f, o) = (median(floor), median(ours));
+            let (ro, rr) = (median(rate_ours), median(rate_raw));
+            let (so, sf) = (median(start_ours), median(start_floor));
+            println!("| scenario | parameters | ours | baseline | ratio | target | verdict |");
+            println!("|---|---|---|---|---|---|---|");
+            let verdict = |ok: bool| if ok { "met" } else { "missed" };
+            println!(
+                "| memory per idle workload | {workloads} sim workloads vs {workloads} bare ractor actors | {:.0} B | {:.0} B | {:.2}× | ≤ 1.25× | {} |",
+                o, f, o / f, verdict(o / f <= 1.25)
+            );
+            println!(
+                "| in-process task rate | echo on {targets} workloads, {concurrency} in flight | {ro:.0}/s | {rr:.0}/s (bare actor call) | {:.2}× | — | info |",
+                ro / rr
+            );
+            println!(
+                "| start {workloads} workloads | add + init until all running | {so:.2} s | {sf:.2} s (spawn bare actors) | {:.2}× | — | info |",
+                so / sf
+            );
+            node.stop().await;
+            Ok(())
+        }
+    }
+}
