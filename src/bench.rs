@@ -81,7 +81,11 @@ impl Actor for Bare {
 }
 
 async fn bench_node() -> anyhow::Result<Node> {
-    Ok(Node::builder().node_id("bench").kind(SimKind).start().await?)
+    Ok(Node::builder()
+        .node_id("bench")
+        .kind(SimKind)
+        .start()
+        .await?)
 }
 
 async fn add_and_settle(node: &Node, prefix: &str, n: usize) -> anyhow::Result<Duration> {
@@ -201,7 +205,10 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let (mut floor, mut ours, mut start_ours, mut start_floor) =
                 (vec![], vec![], vec![], vec![]);
             for r in 0..rounds {
-                eprintln!("memory round {}/{rounds}: {workloads} bare actors, then {workloads} workloads", r + 1);
+                eprintln!(
+                    "memory round {}/{rounds}: {workloads} bare actors, then {workloads} workloads",
+                    r + 1
+                );
                 let f = measure_in_child(What::Floor, workloads)?;
                 let o = measure_in_child(What::Workloads, workloads)?;
                 floor.push(f.bytes_per_item);
@@ -220,7 +227,10 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             let (mut rate_ours, mut rate_raw) = (vec![], vec![]);
             for r in 0..rounds {
-                eprintln!("task round {}/{rounds}: {tasks} tasks at {concurrency} in flight", r + 1);
+                eprintln!(
+                    "task round {}/{rounds}: {tasks} tasks at {concurrency} in flight",
+                    r + 1
+                );
                 rate_raw.push(task_rate_raw(&actors, tasks, concurrency).await);
                 rate_ours.push(task_rate_ours(&node, &ids, tasks, concurrency).await);
             }

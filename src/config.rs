@@ -117,7 +117,9 @@ impl NodeConfig {
 
 /// `min * 2^(n-1)` capped at `max`: the backoff of the n-th attempt (n >= 1).
 pub(crate) fn backoff(min: Duration, max: Duration, n: u32) -> Duration {
-    let factor = 1u32.checked_shl(n.saturating_sub(1).min(31)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(n.saturating_sub(1).min(31))
+        .unwrap_or(u32::MAX);
     min.checked_mul(factor).map_or(max, |d| d.min(max))
 }
 

@@ -143,7 +143,10 @@ pub async fn run(
 
     // 1. Add the devices.
     let pb = bar(opts.devices, "adding", opts.progress);
-    note(opts.progress, format!("adding {} sim devices", opts.devices));
+    note(
+        opts.progress,
+        format!("adding {} sim devices", opts.devices),
+    );
     for i in 0..opts.devices {
         let spec = WorkloadSpec::new(format!("sim-{i:06}"), "sim").with_config(config.clone());
         node.add_workload(spec).await?;
@@ -175,7 +178,10 @@ pub async fn run(
             break;
         }
         if last_note.elapsed() >= Duration::from_secs(1) {
-            note(opts.progress, format!("running: {running}/{}", opts.devices));
+            note(
+                opts.progress,
+                format!("running: {running}/{}", opts.devices),
+            );
             last_note = Instant::now();
         }
         tokio::select! {
@@ -189,7 +195,10 @@ pub async fn run(
 
     // 3. One task on every device.
     let pb = bar(opts.devices, "tasks", opts.progress);
-    note(opts.progress, format!("running echo on {} devices", opts.devices));
+    note(
+        opts.progress,
+        format!("running echo on {} devices", opts.devices),
+    );
     let ids: Vec<String> = (0..opts.devices).map(|i| format!("sim-{i:06}")).collect();
     let round = Instant::now();
     let mut latencies = Vec::with_capacity(ids.len());

@@ -31,7 +31,9 @@ pub use error::NodeError;
 pub use events::Event;
 pub use kinds::Kinds;
 pub use node::{Node, NodeBuilder};
-pub use ottomato_actors::{self as actors, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+pub use ottomato_actors::{
+    self as actors, ConfigError, Kind, Task, TaskError, Workload, WorkloadError,
+};
 pub use spec::WorkloadSpec;
 pub use status::{ScheduledJob, Status, WorkloadInfo};
 pub use wire::{ErrorCode, TaskResult};

@@ -16,7 +16,12 @@ mod bench;
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG wins when set.
-    #[arg(long, global = true, default_value = "warn", env = "OTTOMATO_LOG_LEVEL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn",
+        env = "OTTOMATO_LOG_LEVEL"
+    )]
     log_level: String,
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -29,7 +34,9 @@ struct Cli {
 enum Command {
     /// Run N simulated devices in this process on the embedded backend, run a
     /// task on each, print a summary. Ctrl-C stops cleanly.
-    #[command(after_help = "Examples:\n  ottomato demo\n  ottomato demo --devices 100000 --concurrency 512")]
+    #[command(
+        after_help = "Examples:\n  ottomato demo\n  ottomato demo --devices 100000 --concurrency 512"
+    )]
     Demo {
         /// Simulated devices to add.
         #[arg(long, short = 'n', default_value_t = 10_000)]

@@ -77,7 +77,9 @@ impl Shared {
     }
 
     fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Slot>>> {
-        self.registry.write().unwrap_or_else(PoisonError::into_inner)
+        self.registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn slot(&self, id: &str) -> Option<Arc<Slot>> {
@@ -140,7 +142,10 @@ impl Shared {
             workload: slot.id.clone(),
             reason: reason.clone(),
         });
-        self.report_error(NodeError::Backend(format!("workload {}: {reason}", slot.id)));
+        self.report_error(NodeError::Backend(format!(
+            "workload {}: {reason}",
+            slot.id
+        )));
         let _ = self.send_supervisor(SupervisorMsg::Delete(slot.clone()));
     }
 
@@ -211,7 +216,10 @@ impl Shared {
                 id,
                 None,
                 task,
-                Err((ErrorCode::NotFound, format!("workload {id:?} not found on this node"))),
+                Err((
+                    ErrorCode::NotFound,
+                    format!("workload {id:?} not found on this node"),
+                )),
                 Duration::ZERO,
             );
         };
@@ -232,7 +240,13 @@ impl Shared {
             (Some(actor), None) => actor,
             (_, refusal) => {
                 let msg = refusal.unwrap_or_else(|| "workload has no running actor".into());
-                return self.result(id, Some(&slot), task, Err((ErrorCode::Unavailable, msg)), Duration::ZERO);
+                return self.result(
+                    id,
+                    Some(&slot),
+                    task,
+                    Err((ErrorCode::Unavailable, msg)),
+                    Duration::ZERO,
+                );
             }
         };
         let deadline = Instant::now() + timeout;
@@ -247,10 +261,22 @@ impl Shared {
             actor.send_message(WorkloadMsg::RunTask(queued))
         {
             let msg = "workload actor just stopped; retry".to_string();
-            return self.result(id, Some(&slot), q.task, Err((ErrorCode::Unavailable, msg)), Duration::ZERO);
+            return self.result(
+                id,
+                Some(&slot),
+                q.task,
+                Err((ErrorCode::Unavailable, msg)),
+                Duration::ZERO,
+            );
         }
         let lost = |code, msg: &str| {
-            self.result(id, Some(&slot), Task::new(command.clone()), Err((code, msg.to_string())), Duration::ZERO)
+            self.result(
+                id,
+                Some(&slot),
+                Task::new(command.clone()),
+                Err((code, msg.to_string())),
+                Duration::ZERO,
+            )
         };
         match tokio::time::timeout_at(deadline + DEADLINE_GRACE, rx).await {
             Ok(Ok(TaskOutcome {
@@ -258,7 +284,10 @@ impl Shared {
                 result,
                 elapsed,
             })) => self.result(id, Some(&slot), task, result, elapsed),
-            Ok(Err(_)) => lost(ErrorCode::Unavailable, "workload restarted before answering"),
+            Ok(Err(_)) => lost(
+                ErrorCode::Unavailable,
+                "workload restarted before answering",
+            ),
             Err(_) => lost(ErrorCode::DeadlineExceeded, "no answer within the deadline"),
         }
     }
@@ -403,7 +432,12 @@ impl Node {
     }
 
     /// Runs a task with its own deadline.
-    pub async fn run_task_with_timeout(&self, id: &str, task: Task, timeout: Duration) -> TaskResult {
+    pub async fn run_task_with_timeout(
+        &self,
+        id: &str,
+        task: Task,
+        timeout: Duration,
+    ) -> TaskResult {
         self.shared.run_task(id, task, timeout).await
     }
 
@@ -619,7 +653,11 @@ impl NodeBuilder {
 
 /// Runs the callbacks on their own task, fed by their own subscriptions, so
 /// a slow callback delays only itself.
-fn spawn_callbacks(shared: &Arc<Shared>, on_event: Vec<EventCallback>, on_error: Vec<ErrorCallback>) {
+fn spawn_callbacks(
+    shared: &Arc<Shared>,
+    on_event: Vec<EventCallback>,
+    on_error: Vec<ErrorCallback>,
+) {
     if !on_event.is_empty() {
         let mut rx = shared.events.subscribe();
         let errors = shared.errors.clone();

@@ -97,7 +97,10 @@ mod tests {
             .with_config(serde_json::json!({"ping_ms": 1}))
             .with_label("site", "oslo");
         let j = serde_json::to_string(&s).unwrap();
-        assert_eq!(j, r#"{"id":"a","kind":"sim","config":{"ping_ms":1},"labels":{"site":"oslo"}}"#);
+        assert_eq!(
+            j,
+            r#"{"id":"a","kind":"sim","config":{"ping_ms":1},"labels":{"site":"oslo"}}"#
+        );
         assert_eq!(serde_json::from_str::<WorkloadSpec>(&j).unwrap(), s);
     }
 }

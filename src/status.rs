@@ -76,7 +76,10 @@ pub struct WorkloadInfo {
     #[serde(with = "crate::wire::rfc3339")]
     pub updated: SystemTime,
     /// When the last ping finished.
-    #[serde(with = "crate::wire::rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::wire::rfc3339_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub last_ping: Option<SystemTime>,
     /// Why it is in this status (errors, restart causes), if anything to say.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -79,8 +79,11 @@ pub enum TransportError {
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Starts answering requests on `subject` with `handler`.
-    async fn serve(&self, subject: &str, handler: Arc<dyn RequestHandler>)
-        -> Result<(), TransportError>;
+    async fn serve(
+        &self,
+        subject: &str,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<(), TransportError>;
     /// Stops answering on `subject`.
     async fn unserve(&self, subject: &str) -> Result<(), TransportError>;
     /// Sends a request and waits for its reply.

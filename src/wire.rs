@@ -150,7 +150,10 @@ pub(crate) mod rfc3339_opt {
 
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub(crate) fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match t {
             Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
             None => s.serialize_none(),
@@ -193,8 +196,19 @@ mod tests {
         };
         let v = serde_json::to_value(&r).unwrap();
         for key in [
-            "jobId", "workerId", "workload", "hostname", "command", "args", "kwargs", "success",
-            "error", "errorCode", "return", "timestamp", "executionTime",
+            "jobId",
+            "workerId",
+            "workload",
+            "hostname",
+            "command",
+            "args",
+            "kwargs",
+            "success",
+            "error",
+            "errorCode",
+            "return",
+            "timestamp",
+            "executionTime",
         ] {
             assert!(v.get(key).is_some(), "missing {key} in {v}");
         }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use ottomato::actors::sim::SimKind;
 use ottomato::events::EventReceiver;
 use ottomato::store::{MemoryStore, StateStore};
-use ottomato::transport::{Message, MemoryTransport, Transport, TransportError};
+use ottomato::transport::{MemoryTransport, Message, Transport, TransportError};
 use ottomato::{
     ConfigError, ErrorCode, Event, Kind, Node, NodeConfig, NodeError, RestartPolicy, Status, Task,
     TaskError, Workload, WorkloadError, WorkloadSpec,
@@ -122,11 +122,20 @@ async fn wait_status(node: &Node, id: &str, status: Status) {
 async fn add_run_delete_and_result_fields() {
     let node = sim_node().await;
     let mut ev = node.subscribe();
-    node.add_workload(sim("r1").with_label("site", "oslo")).await.unwrap();
-    wait_event(&mut ev, 5, |e| matches!(e, Event::Initialized { workload } if &**workload == "r1")).await;
+    node.add_workload(sim("r1").with_label("site", "oslo"))
+        .await
+        .unwrap();
+    wait_event(
+        &mut ev,
+        5,
+        |e| matches!(e, Event::Initialized { workload } if &**workload == "r1"),
+    )
+    .await;
     assert_eq!(node.workload("r1").unwrap().status, Status::Running);
 
-    let r = node.run_task("r1", Task::new("echo").arg("a").kwarg("k", 1)).await;
+    let r = node
+        .run_task("r1", Task::new("echo").arg("a").kwarg("k", 1))
+        .await;
     assert!(r.success, "{r:?}");
     assert_eq!(r.ret, json!({"args": ["a"], "kwargs": {"k": 1}}));
     assert_eq!((r.workload.as_str(), r.command.as_str()), ("r1", "echo"));
@@ -134,7 +143,10 @@ async fn add_run_delete_and_result_fields() {
     assert_eq!(r.tags.get("site").map(String::as_str), Some("oslo"));
     assert_eq!((r.error, r.error_code), (None, None));
     let v = serde_json::to_value(node.run_task("r1", Task::new("fail")).await).unwrap();
-    assert_eq!((v["success"].clone(), v["errorCode"].clone()), (json!(false), json!("task_failed")));
+    assert_eq!(
+        (v["success"].clone(), v["errorCode"].clone()),
+        (json!(false), json!("task_failed"))
+    );
     assert_eq!(v["return"], Value::Null);
     assert!(v["jobId"].as_str().is_some_and(|s| s.len() == 36));
 
@@ -146,23 +158,43 @@ async fn add_run_delete_and_result_fields() {
     node.delete_workload("r1").unwrap();
     wait_event(&mut ev, 15, |e| matches!(e, Event::Deleted { .. })).await;
     assert!(node.workload("r1").is_none());
-    assert_eq!(node.delete_workload("r1"), Err(NodeError::NotFound("r1".into())));
+    assert_eq!(
+        node.delete_workload("r1"),
+        Err(NodeError::NotFound("r1".into()))
+    );
 }
 
 #[tokio::test]
 async fn duplicate_invalid_id_unknown_kind_and_bad_config_are_refused() {
     let node = sim_node().await;
     node.add_workload(sim("a")).await.unwrap();
-    assert_eq!(node.add_workload(sim("a")).await, Err(NodeError::AlreadyExists("a".into())));
-    assert!(matches!(node.add_workload(sim("a.b")).await, Err(NodeError::InvalidId(m)) if m.contains("'.'")));
-    let e = node.add_workload(WorkloadSpec::new("b", "plc9000")).await.unwrap_err();
-    assert!(matches!(&e, NodeError::UnknownKind { kind, known } if kind == "plc9000" && known == "sim"));
-    assert_eq!(e.to_string(), "unknown kind \"plc9000\" (this node runs: sim)");
+    assert_eq!(
+        node.add_workload(sim("a")).await,
+        Err(NodeError::AlreadyExists("a".into()))
+    );
+    assert!(
+        matches!(node.add_workload(sim("a.b")).await, Err(NodeError::InvalidId(m)) if m.contains("'.'"))
+    );
+    let e = node
+        .add_workload(WorkloadSpec::new("b", "plc9000"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, NodeError::UnknownKind { kind, known } if kind == "plc9000" && known == "sim")
+    );
+    assert_eq!(
+        e.to_string(),
+        "unknown kind \"plc9000\" (this node runs: sim)"
+    );
     let e = node
         .add_workload(sim("c").with_config(json!({"ping_fail_rate": 7})))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("ping_fail_rate must be between 0 and 1"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("ping_fail_rate must be between 0 and 1"),
+        "{e}"
+    );
     // Nothing of the refused specs stays, and the node still serves.
     assert_eq!(node.len(), 1);
     wait_status(&node, "a", Status::Running).await;
@@ -194,7 +226,9 @@ async fn panicking_task_answers_and_restarts_with_backoff_then_gives_up() {
         assert!(r.error.unwrap().contains("simulated panic"));
         let panicked_at = Instant::now();
         let e = wait_event(&mut ev, 60, |e| matches!(e, Event::Restarted { .. })).await;
-        assert!(matches!(e, Event::Restarted { restarts, ref cause, .. } if restarts == restart && cause.contains("panic")));
+        assert!(
+            matches!(e, Event::Restarted { restarts, ref cause, .. } if restarts == restart && cause.contains("panic"))
+        );
         delays.push(panicked_at.elapsed());
         wait_status(&node, "bad", Status::Running).await;
         // The healthy neighbour never noticed.
@@ -208,7 +242,9 @@ async fn panicking_task_answers_and_restarts_with_backoff_then_gives_up() {
     // The fourth failure within the window exceeds max_restarts: failed, with the reason.
     let _ = node.run_task("bad", Task::new("panic")).await;
     let e = wait_event(&mut ev, 60, |e| matches!(e, Event::Failed { .. })).await;
-    assert!(matches!(e, Event::Failed { ref reason, .. } if reason.contains("gave up after 3 restarts")));
+    assert!(
+        matches!(e, Event::Failed { ref reason, .. } if reason.contains("gave up after 3 restarts"))
+    );
     let info = node.workload("bad").unwrap();
     assert_eq!(info.status, Status::Failed);
     assert_eq!(info.restarts, 3);
@@ -240,12 +276,21 @@ async fn init_timeout_is_retried_with_growing_backoff() {
     assert_eq!(node.workload("slow").unwrap().status, Status::Initializing);
     let first = wait_event(&mut ev, 120, |e| matches!(e, Event::InitError { .. })).await;
     assert_eq!(t0.elapsed().as_secs(), 25, "init timeout");
-    assert!(matches!(first, Event::InitError { attempt: 1, ref error, retry_in_ms: 1000, .. } if error.contains("timed out")));
+    assert!(
+        matches!(first, Event::InitError { attempt: 1, ref error, retry_in_ms: 1000, .. } if error.contains("timed out"))
+    );
     let info = node.workload("slow").unwrap();
     assert_eq!(info.status, Status::Initializing);
     assert!(info.reason.unwrap().contains("init attempt 1 failed"));
     let second = wait_event(&mut ev, 120, |e| matches!(e, Event::InitError { .. })).await;
-    assert!(matches!(second, Event::InitError { attempt: 2, retry_in_ms: 2000, .. }));
+    assert!(matches!(
+        second,
+        Event::InitError {
+            attempt: 2,
+            retry_in_ms: 2000,
+            ..
+        }
+    ));
     wait_event(&mut ev, 120, |e| matches!(e, Event::Initialized { .. })).await;
     // 25 s + 1 s + 25 s + 2 s, then the third attempt succeeds at once.
     assert_eq!(t0.elapsed().as_secs(), 53);
@@ -279,7 +324,10 @@ async fn pings_are_splayed_so_no_two_of_1000_fire_at_once() {
     assert_eq!(times.len(), 1000, "two pings fired at the same instant");
     for t in &times {
         let after = t.duration_since(t0);
-        assert!(after >= Duration::from_secs(8) && after <= Duration::from_millis(10_050), "{after:?}");
+        assert!(
+            after >= Duration::from_secs(8) && after <= Duration::from_millis(10_050),
+            "{after:?}"
+        );
     }
     let jobs = node.scheduled();
     assert_eq!(jobs.len(), 1000);
@@ -292,15 +340,26 @@ async fn ping_down_makes_dead_then_recovers_by_itself() {
     let mut ev = node.subscribe();
     node.add_workload(sim("flappy")).await.unwrap();
     wait_status(&node, "flappy", Status::Running).await;
-    assert!(node.run_task("flappy", Task::new("set").kwarg("ping_fail_rate", 1.0)).await.success);
-    let e = wait_event(&mut ev, 60, |e| !matches!(e, Event::Added { .. } | Event::Initialized { .. })).await;
+    assert!(
+        node.run_task("flappy", Task::new("set").kwarg("ping_fail_rate", 1.0))
+            .await
+            .success
+    );
+    let e = wait_event(&mut ev, 60, |e| {
+        !matches!(e, Event::Added { .. } | Event::Initialized { .. })
+    })
+    .await;
     assert!(matches!(e, Event::Unreachable { failures: 1, .. }), "{e:?}");
     assert_eq!(node.workload("flappy").unwrap().status, Status::Unreachable);
     let e = wait_event(&mut ev, 60, |_| true).await;
     assert!(matches!(e, Event::Dead { failures: 2, .. }), "{e:?}");
     assert_eq!(node.workload("flappy").unwrap().status, Status::Dead);
     // Dead workloads are still checked (less often) and still take tasks.
-    assert!(node.run_task("flappy", Task::new("set").kwarg("ping_fail_rate", 0.0)).await.success);
+    assert!(
+        node.run_task("flappy", Task::new("set").kwarg("ping_fail_rate", 0.0))
+            .await
+            .success
+    );
     let dead_at = Instant::now();
     let e = wait_event(&mut ev, 120, |_| true).await;
     assert!(matches!(e, Event::Reachable { .. }), "{e:?}");
@@ -359,9 +418,17 @@ async fn full_queue_answers_busy_at_once_and_deadlines_hold() {
     // A deadline shorter than the work: deadline_exceeded, and the workload carries on.
     let t = Instant::now();
     let late = node
-        .run_task_with_timeout("q", Task::new("sleep").kwarg("ms", 60_000), Duration::from_millis(300))
+        .run_task_with_timeout(
+            "q",
+            Task::new("sleep").kwarg("ms", 60_000),
+            Duration::from_millis(300),
+        )
         .await;
-    assert_eq!(late.error_code, Some(ErrorCode::DeadlineExceeded), "{late:?}");
+    assert_eq!(
+        late.error_code,
+        Some(ErrorCode::DeadlineExceeded),
+        "{late:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(1));
     assert!(node.run_task("q", Task::new("echo")).await.success);
 }
@@ -379,7 +446,10 @@ async fn slow_stop_never_blocks_the_caller_or_other_workloads() {
     let t = Instant::now();
     node.delete_workload("stuck").unwrap();
     assert_eq!(t.elapsed(), Duration::ZERO);
-    assert_eq!(node.workload("stuck").map(|w| w.status), Some(Status::Stopping));
+    assert_eq!(
+        node.workload("stuck").map(|w| w.status),
+        Some(Status::Stopping)
+    );
     assert_eq!(
         node.run_task("stuck", Task::new("echo")).await.error_code,
         Some(ErrorCode::Unavailable)
@@ -434,7 +504,10 @@ async fn events_reach_fast_subscribers_and_callbacks_despite_a_slow_one() {
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while seen.load(Ordering::SeqCst) < 200 {
-        assert!(std::time::Instant::now() < deadline, "callback missed events");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "callback missed events"
+        );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -461,23 +534,34 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
         let subject = subject.to_string();
         let body = Bytes::copy_from_slice(body);
         async move {
-            let reply = t.request(&subject, Message::new(body), Duration::from_secs(5)).await?;
+            let reply = t
+                .request(&subject, Message::new(body), Duration::from_secs(5))
+                .await?;
             Ok::<Value, TransportError>(serde_json::from_slice(&reply.payload).unwrap())
         }
     };
-    let ok = ask("otto.task.t1", br#"{"command":"echo","args":[1],"kwargs":{"x":true}}"#)
-        .await
-        .unwrap();
+    let ok = ask(
+        "otto.task.t1",
+        br#"{"command":"echo","args":[1],"kwargs":{"x":true}}"#,
+    )
+    .await
+    .unwrap();
     assert_eq!(ok["success"], true);
     assert_eq!(ok["return"], json!({"args": [1], "kwargs": {"x": true}}));
     let bad = ask("otto.task.t1", b"{not json").await.unwrap();
-    assert_eq!((bad["success"].clone(), bad["errorCode"].clone()), (json!(false), json!("malformed_request")));
+    assert_eq!(
+        (bad["success"].clone(), bad["errorCode"].clone()),
+        (json!(false), json!("malformed_request"))
+    );
     let big = vec![b' '; 2 * 1024 * 1024];
     let too_big = ask("otto.task.t1", &big).await.unwrap();
     assert_eq!(too_big["errorCode"], "payload_too_large");
-    let deadline = ask("otto.task.t1", br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":50}"#)
-        .await
-        .unwrap();
+    let deadline = ask(
+        "otto.task.t1",
+        br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":50}"#,
+    )
+    .await
+    .unwrap();
     assert_eq!(deadline["errorCode"], "deadline_exceeded");
     assert_eq!(
         ask("otto.task.nobody", br#"{"command":"echo"}"#).await,
@@ -489,7 +573,10 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
     loop {
         match ask("otto.task.t1", br#"{"command":"echo"}"#).await {
             Err(TransportError::NoResponders(_)) => break,
-            _ => assert!(std::time::Instant::now() < deadline, "still served after delete"),
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "still served after delete"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -511,8 +598,12 @@ async fn status_is_mirrored_to_the_state_store_and_a_lost_claim_fences() {
     wait_status(&node, "s1", Status::Running).await;
     wait_status(&node, "s2", Status::Running).await;
     node.flush_state().await;
-    let rec: Value = serde_json::from_slice(&bucket.get("s1").await.unwrap().unwrap().value).unwrap();
-    assert_eq!((rec["owner"].clone(), rec["status"].clone()), (json!("n1"), json!("running")));
+    let rec: Value =
+        serde_json::from_slice(&bucket.get("s1").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(
+        (rec["owner"].clone(), rec["status"].clone()),
+        (json!("n1"), json!("running"))
+    );
     assert!(rec["since"].as_str().is_some());
 
     // Deleting removes the state key.
@@ -526,16 +617,28 @@ async fn status_is_mirrored_to_the_state_store_and_a_lost_claim_fences() {
     // compare-and-set, and it stops s1 instead of overwriting.
     let theirs = bucket.get("s1").await.unwrap().unwrap();
     bucket
-        .update("s1", Bytes::from_static(br#"{"owner":"n2","status":"running"}"#), theirs.revision)
+        .update(
+            "s1",
+            Bytes::from_static(br#"{"owner":"n2","status":"running"}"#),
+            theirs.revision,
+        )
         .await
         .unwrap();
-    assert!(node.run_task("s1", Task::new("set").kwarg("ping_fail_rate", 1.0)).await.success);
+    assert!(
+        node.run_task("s1", Task::new("set").kwarg("ping_fail_rate", 1.0))
+            .await
+            .success
+    );
     let e = wait_event(&mut ev, 60, |e| matches!(e, Event::Failed { .. })).await;
     assert!(matches!(e, Event::Failed { ref reason, .. } if reason.contains("claim lost")));
     wait_event(&mut ev, 30, |e| matches!(e, Event::Deleted { .. })).await;
     assert!(node.workload("s1").is_none());
-    let after: Value = serde_json::from_slice(&bucket.get("s1").await.unwrap().unwrap().value).unwrap();
-    assert_eq!(after["owner"], "n2", "the fenced node must not write over the new owner");
+    let after: Value =
+        serde_json::from_slice(&bucket.get("s1").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(
+        after["owner"], "n2",
+        "the fenced node must not write over the new owner"
+    );
 }
 
 #[tokio::test]
@@ -546,7 +649,10 @@ async fn stop_deletes_every_workload_and_refuses_more() {
     }
     node.stop().await;
     assert!(node.is_empty());
-    assert_eq!(node.add_workload(sim("late")).await, Err(NodeError::ShuttingDown));
+    assert_eq!(
+        node.add_workload(sim("late")).await,
+        Err(NodeError::ShuttingDown)
+    );
 }
 
 #[tokio::test]
@@ -557,7 +663,9 @@ async fn demo_runs_end_to_end() {
         progress: false,
         ..Default::default()
     };
-    let s = ottomato::demo::run(&node, &opts, std::future::pending()).await.unwrap();
+    let s = ottomato::demo::run(&node, &opts, std::future::pending())
+        .await
+        .unwrap();
     assert_eq!(s.by_status, vec![(Status::Running, 500)]);
     assert_eq!((s.tasks, s.tasks_ok), (500, 500));
     assert!(s.p99 >= s.p50);

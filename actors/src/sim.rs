@@ -144,7 +144,9 @@ impl Workload for SimDevice {
                     .kwargs
                     .get("ms")
                     .and_then(Value::as_u64)
-                    .ok_or_else(|| TaskError::InvalidArgs("sleep needs kwarg ms (integer)".into()))?;
+                    .ok_or_else(|| {
+                        TaskError::InvalidArgs("sleep needs kwarg ms (integer)".into())
+                    })?;
                 pause(ms).await;
                 Ok(json!({ "slept_ms": ms }))
             }
@@ -206,7 +208,10 @@ mod tests {
     fn rejects_unknown_fields_and_bad_rates() {
         let e = SimKind.create("a", &json!({"init_msx": 1})).err().unwrap();
         assert!(e.message.contains("init_msx"), "{e}");
-        let e = SimKind.create("a", &json!({"ping_fail_rate": 2.0})).err().unwrap();
+        let e = SimKind
+            .create("a", &json!({"ping_fail_rate": 2.0}))
+            .err()
+            .unwrap();
         assert!(e.message.contains("between 0 and 1"), "{e}");
         assert!(SimKind.create("a", &Value::Null).is_ok());
     }
@@ -219,13 +224,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r, json!({"args": [1], "kwargs": {"k": "v"}}));
-        assert_eq!(d.run_task(&Task::new("hello")).await.unwrap(), json!("hello from d1"));
-        assert!(matches!(d.run_task(&Task::new("nope")).await, Err(TaskError::UnknownCommand(_))));
-        assert!(matches!(d.run_task(&Task::new("sleep")).await, Err(TaskError::InvalidArgs(_))));
-        assert!(matches!(d.run_task(&Task::new("fail")).await, Err(TaskError::Failed(_))));
-        d.run_task(&Task::new("set").kwarg("ping_fail_rate", 1.0)).await.unwrap();
+        assert_eq!(
+            d.run_task(&Task::new("hello")).await.unwrap(),
+            json!("hello from d1")
+        );
+        assert!(matches!(
+            d.run_task(&Task::new("nope")).await,
+            Err(TaskError::UnknownCommand(_))
+        ));
+        assert!(matches!(
+            d.run_task(&Task::new("sleep")).await,
+            Err(TaskError::InvalidArgs(_))
+        ));
+        assert!(matches!(
+            d.run_task(&Task::new("fail")).await,
+            Err(TaskError::Failed(_))
+        ));
+        d.run_task(&Task::new("set").kwarg("ping_fail_rate", 1.0))
+            .await
+            .unwrap();
         assert!(d.ping().await.is_err());
-        d.run_task(&Task::new("set").kwarg("ping_fail_rate", 0.0)).await.unwrap();
+        d.run_task(&Task::new("set").kwarg("ping_fail_rate", 0.0))
+            .await
+            .unwrap();
         assert!(d.ping().await.is_ok());
     }
 }

@@ -36,7 +36,13 @@ impl RequestHandler for TaskServer {
 async fn answer(shared: &Shared, subject: &str, request: Message) -> TaskResult {
     let id = shared.subjects.parse_task(subject).unwrap_or(subject);
     let refuse = |code: ErrorCode, msg: String| {
-        shared.result(id, None, Task::default(), Err((code, msg)), std::time::Duration::ZERO)
+        shared.result(
+            id,
+            None,
+            Task::default(),
+            Err((code, msg)),
+            std::time::Duration::ZERO,
+        )
     };
     if request.payload.len() > shared.cfg.max_payload {
         return refuse(

@@ -53,7 +53,9 @@ pub(crate) fn spawn(
             match cmd {
                 WriteCmd::Upsert(slot) => {
                     slot.dirty.store(false, Ordering::Release);
-                    let Some(shared) = shared.upgrade() else { return };
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
                     if !shared.holds(&slot) {
                         continue; // removed since it was queued
                     }
@@ -89,7 +91,9 @@ pub(crate) fn spawn(
                                 StoreError::AlreadyExists { .. }
                                 | StoreError::RevisionMismatch { .. } => shared.fence(
                                     &slot,
-                                    format!("claim lost: state key was written by someone else ({e})"),
+                                    format!(
+                                        "claim lost: state key was written by someone else ({e})"
+                                    ),
                                 ),
                                 StoreError::Backend(m) => shared.report_error(NodeError::Backend(
                                     format!("writing state of {}: {m}", slot.id),

@@ -87,7 +87,12 @@ impl SupervisorState {
     }
 
     /// A child is gone (failed or terminated): restart it, or finish its removal.
-    fn child_gone(&mut self, myself: &ActorRef<SupervisorMsg>, id: ActorId, failure: Option<String>) {
+    fn child_gone(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        id: ActorId,
+        failure: Option<String>,
+    ) {
         let Some(slot) = self.children.remove(&id) else {
             return;
         };
@@ -170,7 +175,10 @@ impl Actor for Supervisor {
                             g.restarts += 1;
                             g.restarts
                         };
-                        slot.set_status(Status::Initializing, Some(format!("restarted after: {cause}")));
+                        slot.set_status(
+                            Status::Initializing,
+                            Some(format!("restarted after: {cause}")),
+                        );
                         state.shared.status_changed(&slot);
                         state.shared.events.emit(Event::Restarted {
                             workload: slot.id.clone(),
@@ -215,7 +223,10 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 let failure = match reason.as_deref() {
                     Some("deleted") => None,
-                    other => Some(format!("actor terminated ({})", other.unwrap_or("no reason"))),
+                    other => Some(format!(
+                        "actor terminated ({})",
+                        other.unwrap_or("no reason")
+                    )),
                 };
                 state.child_gone(&myself, cell.get_id(), failure)
             }

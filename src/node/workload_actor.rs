@@ -109,7 +109,10 @@ impl WorkloadState {
     }
 
     fn queue_capacity(&self) -> usize {
-        self.slot.spec.queue.unwrap_or(self.shared.cfg.queue_capacity) as usize
+        self.slot
+            .spec
+            .queue
+            .unwrap_or(self.shared.cfg.queue_capacity) as usize
     }
 
     /// Sets the status, emits `event` and tells the state writer.
@@ -286,7 +289,9 @@ impl WorkloadState {
             if self.slot.status() != Status::Dead {
                 self.transition(
                     Status::Dead,
-                    Some(format!("{failures} consecutive ping failures; last: {error}")),
+                    Some(format!(
+                        "{failures} consecutive ping failures; last: {error}"
+                    )),
                     Some(Event::Dead {
                         workload: self.slot.id.clone(),
                         failures,

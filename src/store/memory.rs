@@ -64,7 +64,9 @@ impl MemoryBucket {
     fn put(&self, inner: &mut Inner, key: &str, value: Bytes) -> u64 {
         inner.last_revision += 1;
         let revision = inner.last_revision;
-        inner.entries.insert(key.to_string(), (value.clone(), revision));
+        inner
+            .entries
+            .insert(key.to_string(), (value.clone(), revision));
         let _ = self.changes.send(KvChange::Put(KvEntry {
             key: key.to_string(),
             value,
