@@ -139,8 +139,8 @@ pub(crate) mod rfc3339 {
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let s = <&str>::deserialize(d)?;
-        humantime::parse_rfc3339_weak(s).map_err(D::Error::custom)
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s).map_err(D::Error::custom)
     }
 }
 
@@ -163,8 +163,8 @@ pub(crate) mod rfc3339_opt {
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<SystemTime>, D::Error> {
-        match Option::<&str>::deserialize(d)? {
-            Some(s) => humantime::parse_rfc3339_weak(s)
+        match Option::<String>::deserialize(d)? {
+            Some(s) => humantime::parse_rfc3339_weak(&s)
                 .map(Some)
                 .map_err(D::Error::custom),
             None => Ok(None),
