@@ -13,11 +13,13 @@
 //!   with the in-memory embedded defaults.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
 pub mod kinds;
+pub mod nats;
 pub mod node;
 pub mod spec;
 pub mod status;
@@ -26,6 +28,7 @@ pub mod subjects;
 pub mod transport;
 pub mod wire;
 
+pub use cluster::{Cluster, ClusterConfig};
 pub use config::{NodeConfig, RestartPolicy};
 pub use error::NodeError;
 pub use events::Event;

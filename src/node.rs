@@ -66,6 +66,7 @@ pub(crate) struct Shared {
     writer: OnceLock<mpsc::UnboundedSender<WriteCmd>>,
     pub(crate) transport: Arc<dyn Transport>,
     server: OnceLock<Arc<dyn RequestHandler>>,
+    fanout: OnceLock<Arc<dyn RequestHandler>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     shutting_down: AtomicBool,
 }
@@ -169,6 +170,32 @@ impl Shared {
             workload: slot.id.clone(),
         });
         self.removed.notify_waiters();
+    }
+
+    /// Ids of the workloads on this node that match a selection (and are not being deleted).
+    pub(crate) fn matching(
+        &self,
+        glob: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let reg = self.registry();
+        let mut ids: Vec<String> = reg
+            .values()
+            .filter(|s| glob.is_none_or(|g| crate::wire::glob_match(g, &s.id)))
+            .filter(|s| labels.iter().all(|(k, v)| s.spec.labels.get(k) == Some(v)))
+            .filter(|s| !s.lock().deleting)
+            .map(|s| s.id.to_string())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Stops answering task requests on `subject`.
+    pub(crate) async fn unserve_task(&self, subject: &str) -> Result<(), crate::transport::TransportError> {
+        match self.server.get() {
+            Some(server) => self.transport.unserve(subject, server).await,
+            None => Ok(()),
+        }
     }
 
     fn send_supervisor(&self, msg: SupervisorMsg) -> Result<(), NodeError> {
@@ -338,6 +365,42 @@ impl Node {
     /// without waiting for `init`. Refuses an invalid id, a duplicate id, an
     /// unknown kind or a config the kind rejects.
     pub async fn add_workload(&self, spec: WorkloadSpec) -> Result<(), NodeError> {
+        self.add_workload_inner(spec, None).await
+    }
+
+    /// Adds a workload whose state key this node already claimed at
+    /// `revision` (cluster mode): status writes continue by CAS from there.
+    pub(crate) async fn add_claimed_workload(
+        &self,
+        spec: WorkloadSpec,
+        revision: u64,
+    ) -> Result<(), NodeError> {
+        self.add_workload_inner(spec, Some(revision)).await
+    }
+
+    /// Ids of every workload on the node.
+    pub fn workload_ids(&self) -> Vec<String> {
+        self.shared.registry().keys().map(|k| k.to_string()).collect()
+    }
+
+    /// Whether workload `id` is on the node (in any status).
+    pub fn has_workload(&self, id: &str) -> bool {
+        self.shared.registry().contains_key(id)
+    }
+
+    /// Stops workload `id` at once because this node lost the right to run
+    /// it; its state key is not touched again.
+    pub(crate) fn fence_workload(&self, id: &str, reason: String) {
+        if let Some(slot) = self.shared.slot(id) {
+            self.shared.fence(&slot, reason);
+        }
+    }
+
+    async fn add_workload_inner(
+        &self,
+        spec: WorkloadSpec,
+        claimed: Option<u64>,
+    ) -> Result<(), NodeError> {
         let sh = &self.shared;
         if sh.shutting_down.load(Ordering::Acquire) {
             return Err(NodeError::ShuttingDown);
@@ -355,6 +418,9 @@ impl Node {
                 });
             }
             reg.insert(slot.id.clone(), slot.clone());
+        }
+        if let (Some(rev), Some(w)) = (claimed, sh.writer.get()) {
+            let _ = w.send(WriteCmd::Adopt(slot.id.clone(), rev));
         }
         sh.status_changed(&slot);
         sh.events.emit(Event::Added {
@@ -476,6 +542,9 @@ impl Node {
             }
             let _ = tokio::time::timeout_at(deadline, removed).await;
         }
+        if let Some(f) = sh.fanout.get() {
+            let _ = sh.transport.unserve(&sh.subjects.fanout(), f).await;
+        }
         self.flush_state().await;
         if let Some(sup) = sh.supervisor.get() {
             let _ = sup.stop_and_wait(None, Some(Duration::from_secs(5))).await;
@@ -493,9 +562,16 @@ pub struct NodeBuilder {
     store: Option<Arc<dyn StateStore>>,
     transport: Option<Arc<dyn Transport>>,
     subjects: Option<Subjects>,
+    state_replicas: usize,
 }
 
 impl NodeBuilder {
+    /// Copies of the state bucket a clustered backend keeps (1 by default).
+    pub fn state_replicas(mut self, n: usize) -> Self {
+        self.state_replicas = n;
+        self
+    }
+
     /// Replaces all settings at once.
     pub fn config(mut self, cfg: NodeConfig) -> Self {
         self.cfg = cfg;
@@ -605,7 +681,7 @@ impl NodeBuilder {
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn StateStore>);
         let bucket = store
-            .bucket(&subjects.state_bucket())
+            .bucket(&subjects.state_bucket_spec_with(self.state_replicas.max(1)))
             .await
             .map_err(|e| NodeError::Backend(e.to_string()))?;
         let transport = self
@@ -630,6 +706,7 @@ impl NodeBuilder {
             writer: OnceLock::new(),
             transport,
             server: OnceLock::new(),
+            fanout: OnceLock::new(),
             supervisor: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
         });
@@ -641,6 +718,15 @@ impl NodeBuilder {
         let _ = shared.server.set(Arc::new(serve::TaskServer {
             shared: Arc::downgrade(&shared),
         }));
+        let fanout: Arc<dyn RequestHandler> = Arc::new(serve::FanoutServer {
+            shared: Arc::downgrade(&shared),
+        });
+        shared
+            .transport
+            .serve(&shared.subjects.fanout(), fanout.clone())
+            .await
+            .map_err(|e| NodeError::Backend(format!("serving fan-out: {e}")))?;
+        let _ = shared.fanout.set(fanout);
         spawn_callbacks(&shared, self.on_event, self.on_error);
         let (sup, _) = Actor::spawn(None, Supervisor, shared.clone())
             .await

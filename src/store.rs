@@ -3,6 +3,7 @@
 //! watch), and [`MemoryStore`], the embedded default for one process.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,6 +27,9 @@ pub struct KvEntry {
 /// A change seen by a watcher.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KvChange {
+    /// Every entry that existed when the watch started has been delivered;
+    /// what follows are live changes. Sent exactly once.
+    Synced,
     /// A key was created or updated.
     Put(KvEntry),
     /// A key was deleted (or expired) at this revision.
@@ -68,19 +72,52 @@ pub enum StoreError {
 pub trait KvBucket: Send + Sync + 'static {
     /// The current value of `key`, if any.
     async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError>;
+    /// Writes `key` unconditionally; returns the new revision.
+    async fn put(&self, key: &str, value: Bytes) -> Result<u64, StoreError>;
     /// Writes `key` only if absent; returns the new revision.
     async fn create(&self, key: &str, value: Bytes) -> Result<u64, StoreError>;
     /// Writes `key` only if its revision is `expected`; returns the new revision.
     async fn update(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, StoreError>;
     /// Deletes `key`; with `expected`, only if its revision is that.
     async fn delete(&self, key: &str, expected: Option<u64>) -> Result<(), StoreError>;
-    /// Every current entry as `Put`, then every change as it happens.
+    /// Every current entry as `Put`, then `Synced`, then every change as it happens.
     async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError>;
+}
+
+/// How a bucket is kept. Backends apply what they support and document the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketSpec {
+    /// Bucket name (`otto_state`).
+    pub name: String,
+    /// Entries expire this long after their last write (`None`: never).
+    pub max_age: Option<Duration>,
+    /// Values kept per key.
+    pub history: u8,
+    /// Copies kept by a clustered backend (1 or 3 for NATS).
+    pub replicas: usize,
+    /// Keep the bucket in memory instead of on disk.
+    pub in_memory: bool,
+    /// What the bucket is for, shown by backend tooling.
+    pub description: String,
+}
+
+impl BucketSpec {
+    /// A bucket with one value per key, on disk, one replica, no expiry.
+    pub fn new(name: impl Into<String>) -> Self {
+        BucketSpec {
+            name: name.into(),
+            max_age: None,
+            history: 1,
+            replicas: 1,
+            in_memory: false,
+            description: String::new(),
+        }
+    }
 }
 
 /// A storage backend: opens buckets by name.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
-    /// Opens (creating if needed) the bucket `name`.
-    async fn bucket(&self, name: &str) -> Result<Arc<dyn KvBucket>, StoreError>;
+    /// Opens the bucket, creating it with `spec` if needed (idempotent).
+    async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError>;
 }

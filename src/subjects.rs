@@ -1,8 +1,16 @@
 //! Subject and bucket names: the only place that builds them.
-//! `subjects.md` is the normative table this module mirrors.
+//! `subjects.md` is the normative table this module mirrors; a test checks
+//! that every name here appears there.
+
+use std::time::Duration;
+
+use crate::store::BucketSpec;
 
 /// The default prefix of every subject and bucket.
 pub const DEFAULT_PREFIX: &str = "otto";
+
+/// Header naming the encoding of a task request and its reply (`json` when absent).
+pub const ENCODING_HEADER: &str = "Otto-Encoding";
 
 /// Names under one prefix (`otto` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +24,36 @@ impl Default for Subjects {
     }
 }
 
+/// Every subject pattern, with `<prefix>` for the prefix: what `subjects.md` documents.
+pub const SUBJECT_PATTERNS: &[&str] = &[
+    "<prefix>.task.<workload-id>",
+    "<prefix>.fanout",
+    "<prefix>.events.<workload-id>.<event>",
+];
+
+/// Every bucket name pattern: what `subjects.md` documents.
+pub const BUCKET_PATTERNS: &[&str] = &["<prefix>_workloads", "<prefix>_nodes", "<prefix>_state"];
+
 impl Subjects {
-    /// Names under `prefix` (itself a single token, e.g. `otto`).
+    /// Names under `prefix`: one token of letters, digits, `_` or `-`.
     pub fn new(prefix: impl Into<String>) -> Self {
         Subjects {
             prefix: prefix.into(),
         }
+    }
+
+    /// Checks a prefix can be both a subject token and a bucket name prefix.
+    pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "prefix {prefix:?} must be non-empty letters, digits, '_' or '-'"
+            ));
+        }
+        Ok(())
     }
 
     /// The prefix.
@@ -34,6 +66,11 @@ impl Subjects {
         format!("{}.task.{}", self.prefix, workload)
     }
 
+    /// `<prefix>.task.*`: every workload's task subject (for permissions).
+    pub fn task_wildcard(&self) -> String {
+        format!("{}.task.*", self.prefix)
+    }
+
     /// The workload id of a task subject, if it is one.
     pub fn parse_task<'a>(&self, subject: &'a str) -> Option<&'a str> {
         subject
@@ -42,9 +79,72 @@ impl Subjects {
             .filter(|id| !id.is_empty() && !id.contains('.'))
     }
 
-    /// The state bucket: claims and status, key = workload id.
+    /// `<prefix>.fanout`: a task for a selection of workloads, answered by every node.
+    pub fn fanout(&self) -> String {
+        format!("{}.fanout", self.prefix)
+    }
+
+    /// `<prefix>.events.<workload-id>.<event>`: lifecycle events.
+    pub fn event(&self, workload: &str, event: &str) -> String {
+        format!("{}.events.{}.{}", self.prefix, workload, event)
+    }
+
+    /// `<prefix>.events.>`: every event (for subscribers and permissions).
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// The desired-state bucket: key = workload id, value = spec JSON.
+    pub fn workloads_bucket(&self) -> String {
+        format!("{}_workloads", self.prefix)
+    }
+
+    /// The membership bucket: key = node id, value = node info JSON.
+    pub fn nodes_bucket(&self) -> String {
+        format!("{}_nodes", self.prefix)
+    }
+
+    /// The claims-and-status bucket: key = workload id, value = state JSON.
     pub fn state_bucket(&self) -> String {
         format!("{}_state", self.prefix)
+    }
+
+    /// Settings of the desired-state bucket.
+    pub fn workloads_bucket_spec(&self, replicas: usize) -> BucketSpec {
+        BucketSpec {
+            history: 1,
+            replicas,
+            description: "Ottomato desired state: workload id -> spec".into(),
+            ..BucketSpec::new(self.workloads_bucket())
+        }
+    }
+
+    /// Settings of the membership bucket: entries expire `ttl` after their last heartbeat.
+    pub fn nodes_bucket_spec(&self, ttl: Duration, replicas: usize) -> BucketSpec {
+        BucketSpec {
+            max_age: Some(ttl),
+            history: 1,
+            replicas,
+            in_memory: true,
+            description: "Ottomato membership: node id -> node info, expires without heartbeat"
+                .into(),
+            ..BucketSpec::new(self.nodes_bucket())
+        }
+    }
+
+    /// Settings of the claims-and-status bucket.
+    pub fn state_bucket_spec(&self) -> BucketSpec {
+        self.state_bucket_spec_with(1)
+    }
+
+    /// Settings of the claims-and-status bucket with `replicas` copies.
+    pub fn state_bucket_spec_with(&self, replicas: usize) -> BucketSpec {
+        BucketSpec {
+            history: 1,
+            replicas,
+            description: "Ottomato claims and status: workload id -> owner, status".into(),
+            ..BucketSpec::new(self.state_bucket())
+        }
     }
 }
 
@@ -53,12 +153,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn task_subject_round_trip() {
+    fn names() {
         let s = Subjects::default();
         assert_eq!(s.task("r1"), "otto.task.r1");
         assert_eq!(s.parse_task("otto.task.r1"), Some("r1"));
         assert_eq!(s.parse_task("otto.task.r1.x"), None);
         assert_eq!(s.parse_task("other.task.r1"), None);
-        assert_eq!(s.state_bucket(), "otto_state");
+        assert_eq!(s.fanout(), "otto.fanout");
+        assert_eq!(s.event("r1", "dead"), "otto.events.r1.dead");
+        assert_eq!(
+            (s.workloads_bucket(), s.nodes_bucket(), s.state_bucket()),
+            ("otto_workloads".into(), "otto_nodes".into(), "otto_state".into())
+        );
+        assert!(Subjects::validate_prefix("otto-2").is_ok());
+        assert!(Subjects::validate_prefix("a.b").is_err());
     }
 }

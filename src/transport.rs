@@ -1,12 +1,13 @@
-//! Bring-your-own task transport: a narrow request/reply trait shaped after
-//! NATS (subjects, headers, "no responders"), and [`MemoryTransport`], the
-//! embedded default for one process.
+//! Bring-your-own task transport: a narrow trait shaped after NATS core
+//! (subjects, headers, reply subjects, "no responders"), and
+//! [`MemoryTransport`], the embedded default for one process.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 
 mod memory;
 
@@ -30,7 +31,13 @@ impl Message {
         }
     }
 
-    /// The first value of header `name`.
+    /// Adds a header (builder style).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -39,29 +46,14 @@ impl Message {
     }
 }
 
-/// Sends the one reply to a request.
-pub struct Replier(Box<dyn FnOnce(Message) + Send>);
-
-impl Replier {
-    /// Wraps the transport's way of answering.
-    pub fn new(f: impl FnOnce(Message) + Send + 'static) -> Self {
-        Replier(Box::new(f))
-    }
-
-    /// Answers the request.
-    pub fn reply(self, msg: Message) {
-        (self.0)(msg)
-    }
-}
-
-/// What a node registers to answer requests on its subjects. It must not
-/// block: it hands the work to a task and replies from there.
+/// What a node registers to answer messages on a subject. It must not block:
+/// it hands the work to a task and publishes replies from there.
 pub trait RequestHandler: Send + Sync + 'static {
-    /// One request arrived on `subject`.
-    fn handle(&self, subject: &str, request: Message, replier: Replier);
+    /// A message arrived on `subject`; `reply` is where answers go, if anywhere.
+    fn handle(&self, subject: &str, message: Message, reply: Option<String>);
 }
 
-/// Why a request got no reply.
+/// Why a transport operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TransportError {
     /// Nobody serves that subject (NATS "no responders"): unknown or unowned workload.
@@ -78,19 +70,29 @@ pub enum TransportError {
 /// A request/reply transport.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// Starts answering requests on `subject` with `handler`.
-    async fn serve(
+    /// Starts delivering messages on `subject` to `handler`.
+    async fn serve(&self, subject: &str, handler: Arc<dyn RequestHandler>)
+        -> Result<(), TransportError>;
+    /// Stops delivering `subject` to `handler`.
+    async fn unserve(
         &self,
         subject: &str,
-        handler: Arc<dyn RequestHandler>,
+        handler: &Arc<dyn RequestHandler>,
     ) -> Result<(), TransportError>;
-    /// Stops answering on `subject`.
-    async fn unserve(&self, subject: &str) -> Result<(), TransportError>;
-    /// Sends a request and waits for its reply.
+    /// Sends a message, expecting no answer.
+    async fn publish(&self, subject: &str, message: Message) -> Result<(), TransportError>;
+    /// Sends a request and waits for its one reply.
     async fn request(
         &self,
         subject: &str,
         request: Message,
         timeout: Duration,
     ) -> Result<Message, TransportError>;
+    /// Sends a request and returns every reply as it arrives (for fan-out).
+    /// The stream never ends by itself: the caller decides when it has all.
+    async fn request_many(
+        &self,
+        subject: &str,
+        request: Message,
+    ) -> Result<BoxStream<'static, Message>, TransportError>;
 }

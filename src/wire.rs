@@ -225,3 +225,138 @@ mod tests {
         assert_eq!(r.into_parts().1, Some(Duration::from_millis(5)));
     }
 }
+
+/// The value of a key in the state bucket (`<prefix>_state`): who owns the
+/// workload and how it is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateRecord {
+    /// The node that holds the claim.
+    pub owner: String,
+    /// The workload's kind (empty when its spec could not be read).
+    #[serde(default)]
+    pub kind: String,
+    /// `initializing`, `running`, `unreachable`, `dead`, `restarting`, `failed`, `stopping`.
+    pub status: crate::Status,
+    /// When the status last changed.
+    #[serde(with = "rfc3339")]
+    pub since: SystemTime,
+    /// Why, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Restarts after failures on the owner.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// The value of a key in the membership bucket (`<prefix>_nodes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// The node id (also the key).
+    pub id: String,
+    /// Availability zone, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Node labels, matched by workload placement selectors.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Most workloads it takes (`null`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    /// Relative share of workloads it should get (1.0 by default).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Ottomato version.
+    pub version: String,
+    /// When the node started.
+    #[serde(with = "rfc3339")]
+    pub started: SystemTime,
+    /// Workloads it runs now.
+    pub load: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A fan-out request on `<prefix>.fanout`: a task for every workload that
+/// matches the selection (both filters when both are given).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutRequest {
+    /// Glob on workload ids (`*` any run, `?` one character); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<String>,
+    /// Labels the workload must all have; none when absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The command.
+    pub command: String,
+    /// Positional arguments.
+    #[serde(default)]
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    /// Deadline of each task in milliseconds (node default when absent).
+    #[serde(default, rename = "timeoutMs", skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The last message each node sends to a fan-out's reply subject, after all
+/// its results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FanoutDone {
+    /// Always `true`: tells this message from a [`TaskResult`].
+    pub done: bool,
+    /// The node that is done.
+    pub node: String,
+    /// How many results it sent before this message.
+    pub results: u64,
+}
+
+/// Whether `text` matches `glob` (`*` any run, `?` one character).
+pub fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
+    let (mut gi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            star = Some(gi);
+            mark = ti;
+            gi += 1;
+        } else if let Some(s) = star {
+            gi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod glob_tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        for (g, t, want) in [
+            ("*", "anything", true),
+            ("sim-*", "sim-001", true),
+            ("sim-*", "xsim-001", false),
+            ("r?-*-a", "r1-oslo-a", true),
+            ("r?-*-a", "r12-oslo-a", false),
+            ("*a*b*", "xxaxxbxx", true),
+            ("exact", "exact", true),
+            ("exact", "exac", false),
+        ] {
+            assert_eq!(glob_match(g, t), want, "{g} vs {t}");
+        }
+    }
+}

@@ -592,7 +592,10 @@ async fn status_is_mirrored_to_the_state_store_and_a_lost_claim_fences() {
         .start()
         .await
         .unwrap();
-    let bucket = store.bucket("otto_state").await.unwrap();
+    let bucket = store
+        .bucket(&ottomato::store::BucketSpec::new("otto_state"))
+        .await
+        .unwrap();
     node.add_workload(sim("s1")).await.unwrap();
     node.add_workload(sim("s2")).await.unwrap();
     wait_status(&node, "s1", Status::Running).await;

@@ -4,9 +4,12 @@
 //! a wire payload; everything behind it works on [`Task`] and [`TaskResult`].
 
 use std::sync::Weak;
+use std::time::Duration;
 
-use crate::transport::{Message, Replier, RequestHandler};
-use crate::wire::{ErrorCode, Task, TaskRequest, TaskResult};
+use futures::StreamExt;
+
+use crate::transport::{Message, RequestHandler};
+use crate::wire::{ErrorCode, FanoutDone, FanoutRequest, Task, TaskRequest, TaskResult};
 
 use super::Shared;
 
@@ -16,9 +19,12 @@ pub(crate) struct TaskServer {
 }
 
 impl RequestHandler for TaskServer {
-    fn handle(&self, subject: &str, request: Message, replier: Replier) {
+    fn handle(&self, subject: &str, request: Message, reply: Option<String>) {
         let Some(shared) = self.shared.upgrade() else {
             return; // node gone: the requester times out, as with a dead process
+        };
+        let Some(reply) = reply else {
+            return; // a publish without a reply subject: nobody to answer
         };
         let subject = subject.to_string();
         tokio::spawn(async move {
@@ -28,7 +34,9 @@ impl RequestHandler for TaskServer {
                 // A Value tree from serde_json always serialises.
                 Err(_) => return,
             };
-            replier.reply(Message::new(payload));
+            if let Err(e) = shared.transport.publish(&reply, Message::new(payload)).await {
+                tracing::warn!(%subject, error = %e, "could not send a task reply");
+            }
         });
     }
 }
@@ -69,4 +77,82 @@ async fn answer(shared: &Shared, subject: &str, request: Message) -> TaskResult 
     shared
         .run_task(id, task, timeout.unwrap_or(shared.cfg.task_timeout))
         .await
+}
+
+/// The handler every node registers on `<prefix>.fanout`: runs the task on
+/// each of its own workloads that match, streams each result to the reply
+/// subject as it comes, then sends one [`FanoutDone`].
+pub(crate) struct FanoutServer {
+    pub(crate) shared: Weak<Shared>,
+}
+
+/// Tasks one node runs at once for one fan-out.
+const FANOUT_CONCURRENCY: usize = 256;
+
+impl RequestHandler for FanoutServer {
+    fn handle(&self, _subject: &str, request: Message, reply: Option<String>) {
+        let (Some(shared), Some(reply)) = (self.shared.upgrade(), reply) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let send = |payload: Vec<u8>| {
+                let shared = shared.clone();
+                let reply = reply.clone();
+                async move {
+                    if let Err(e) = shared.transport.publish(&reply, Message::new(payload)).await {
+                        tracing::warn!(error = %e, "could not send a fan-out reply");
+                    }
+                }
+            };
+            let mut results = 0u64;
+            let parsed = if request.payload.len() > shared.cfg.max_payload {
+                Err((ErrorCode::PayloadTooLarge, "fan-out request too large".to_string()))
+            } else {
+                serde_json::from_slice::<FanoutRequest>(&request.payload)
+                    .map_err(|e| (ErrorCode::MalformedRequest, format!("not a fan-out request: {e}")))
+            };
+            match parsed {
+                Err(err) => {
+                    let r = shared.result("", None, Task::default(), Err(err), Duration::ZERO);
+                    if let Ok(p) = serde_json::to_vec(&r) {
+                        send(p).await;
+                        results += 1;
+                    }
+                }
+                Ok(req) => {
+                    let ids = shared.matching(req.select.as_deref(), &req.labels);
+                    let timeout = req
+                        .timeout_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or(shared.cfg.task_timeout);
+                    let task = Task {
+                        command: req.command,
+                        args: req.args,
+                        kwargs: req.kwargs,
+                    };
+                    let mut stream = futures::stream::iter(ids)
+                        .map(|id| {
+                            let shared = shared.clone();
+                            let task = task.clone();
+                            async move { shared.run_task(&id, task, timeout).await }
+                        })
+                        .buffer_unordered(FANOUT_CONCURRENCY);
+                    while let Some(r) = stream.next().await {
+                        if let Ok(p) = serde_json::to_vec(&r) {
+                            send(p).await;
+                            results += 1;
+                        }
+                    }
+                }
+            }
+            let done = FanoutDone {
+                done: true,
+                node: shared.node_id.to_string(),
+                results,
+            };
+            if let Ok(p) = serde_json::to_vec(&done) {
+                send(p).await;
+            }
+        });
+    }
 }

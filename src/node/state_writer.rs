@@ -10,35 +10,23 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::slot::Slot;
 use super::Shared;
 use crate::store::{KvBucket, StoreError};
+use crate::wire::StateRecord;
 use crate::NodeError;
 
 pub(crate) enum WriteCmd {
+    /// The key was claimed outside the writer at this revision: CAS from it.
+    Adopt(Arc<str>, u64),
     Upsert(Arc<Slot>),
     Remove(Arc<str>),
     /// Answer once everything queued before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-/// The JSON value of a state key.
-#[derive(Serialize)]
-struct StateRecord<'a> {
-    owner: &'a str,
-    kind: &'a str,
-    status: &'static str,
-    #[serde(with = "crate::wire::rfc3339")]
-    since: SystemTime,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    restarts: u32,
 }
 
 pub(crate) fn spawn(
@@ -65,11 +53,11 @@ pub(crate) fn spawn(
                             continue;
                         }
                         let rec = StateRecord {
-                            owner: &node_id,
-                            kind: &slot.spec.kind,
-                            status: g.status.as_str(),
+                            owner: node_id.to_string(),
+                            kind: slot.spec.kind.clone(),
+                            status: g.status,
                             since: g.since,
-                            reason: g.reason.as_deref(),
+                            reason: g.reason.as_deref().map(str::to_string),
                             restarts: g.restarts,
                         };
                         match serde_json::to_vec(&rec) {
@@ -101,6 +89,9 @@ pub(crate) fn spawn(
                             }
                         }
                     }
+                }
+                WriteCmd::Adopt(id, rev) => {
+                    revisions.insert(id, rev);
                 }
                 WriteCmd::Remove(id) => {
                     if let Some(rev) = revisions.remove(&id) {

@@ -192,7 +192,7 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Delete(slot) => {
                 let subject = state.shared.subjects.task(&slot.id);
-                if let Err(e) = state.shared.transport.unserve(&subject).await {
+                if let Err(e) = state.shared.unserve_task(&subject).await {
                     state
                         .shared
                         .report_error(crate::NodeError::Backend(format!("unserve {subject}: {e}")));

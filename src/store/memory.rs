@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::broadcast;
 
-use super::{KvBucket, KvChange, KvEntry, StateStore, StoreError};
+use super::{BucketSpec, KvBucket, KvChange, KvEntry, StateStore, StoreError};
 
 /// Buckets held in memory. Clones share the same data.
 #[derive(Clone, Default)]
@@ -25,10 +25,10 @@ impl MemoryStore {
 
 #[async_trait]
 impl StateStore for MemoryStore {
-    async fn bucket(&self, name: &str) -> Result<Arc<dyn KvBucket>, StoreError> {
+    async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let b = buckets
-            .entry(name.to_string())
+            .entry(spec.name.clone())
             .or_insert_with(|| Arc::new(MemoryBucket::new()));
         Ok(b.clone())
     }
@@ -61,7 +61,7 @@ impl MemoryBucket {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(&self, inner: &mut Inner, key: &str, value: Bytes) -> u64 {
+    fn write(&self, inner: &mut Inner, key: &str, value: Bytes) -> u64 {
         inner.last_revision += 1;
         let revision = inner.last_revision;
         inner
@@ -86,6 +86,11 @@ impl KvBucket for MemoryBucket {
         }))
     }
 
+    async fn put(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        Ok(self.write(&mut inner, key, value))
+    }
+
     async fn create(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         if let Some((_, revision)) = inner.entries.get(key) {
@@ -94,7 +99,7 @@ impl KvBucket for MemoryBucket {
                 revision: *revision,
             });
         }
-        Ok(self.put(&mut inner, key, value))
+        Ok(self.write(&mut inner, key, value))
     }
 
     async fn update(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, StoreError> {
@@ -107,7 +112,7 @@ impl KvBucket for MemoryBucket {
                 found,
             });
         }
-        Ok(self.put(&mut inner, key, value))
+        Ok(self.write(&mut inner, key, value))
     }
 
     async fn delete(&self, key: &str, expected: Option<u64>) -> Result<(), StoreError> {
@@ -137,7 +142,7 @@ impl KvBucket for MemoryBucket {
         // Snapshot and subscribe under one lock so no change falls in between.
         let inner = self.lock();
         let rx = self.changes.subscribe();
-        let initial: Vec<KvChange> = inner
+        let mut initial: Vec<KvChange> = inner
             .entries
             .iter()
             .map(|(k, (v, r))| {
@@ -149,6 +154,7 @@ impl KvBucket for MemoryBucket {
             })
             .collect();
         drop(inner);
+        initial.push(KvChange::Synced);
         let live = stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {
@@ -171,7 +177,7 @@ mod tests {
     #[tokio::test]
     async fn create_update_delete_with_revisions() {
         let store = MemoryStore::new();
-        let b = store.bucket("s").await.unwrap();
+        let b = store.bucket(&BucketSpec::new("s")).await.unwrap();
         let r1 = b.create("k", Bytes::from_static(b"1")).await.unwrap();
         assert!(matches!(
             b.create("k", Bytes::from_static(b"2")).await,
@@ -184,6 +190,7 @@ mod tests {
         ));
         let mut w = b.watch().await.unwrap();
         assert!(matches!(w.next().await, Some(KvChange::Put(e)) if e.revision == r2));
+        assert_eq!(w.next().await, Some(KvChange::Synced));
         b.delete("k", Some(r2)).await.unwrap();
         assert!(matches!(w.next().await, Some(KvChange::Delete { key, .. }) if key == "k"));
         assert_eq!(b.get("k").await.unwrap(), None);

@@ -1,0 +1,750 @@
+//! Cluster mode: nodes that discover each other and claim workloads through
+//! three KV buckets, with tasks as request/reply on per-workload subjects.
+//!
+//! ```text
+//!  <prefix>_nodes      membership: heartbeat re-put, TTL expiry with markers
+//!  <prefix>_workloads  desired state: specs written by operators
+//!  <prefix>_state      claims + status: create-if-absent, then CAS by the owner
+//!
+//!  Coordinator (one task per node)
+//!    watches all three buckets ──▶ view (live nodes, specs, claims)
+//!    reconcile(view):
+//!      unclaimed & placement says me        → create claim   → start actor
+//!      claimed by a node that is gone & me  → CAS takeover   → start actor
+//!      mine & placement says someone else   → release (stop actor, delete claim)
+//!      mine & spec gone / changed           → stop, delete claim
+//!    a claim of mine rewritten by another  → fence (stop the actor first)
+//! ```
+//!
+//! **Architecture Invariant:** an actor is started only after this node's
+//! create or CAS on the workload's state key succeeded, and a workload is
+//! released by stopping its actor *before* deleting the key. So at any
+//! instant at most one node both holds the key and runs the actor.
+//!
+//! **Architecture Invariant:** the coordinator talks to storage and transport
+//! only through [`KvBucket`] and [`Transport`]: it runs the same on NATS and
+//! on the in-memory backend.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::events::Event;
+use crate::spec::{validate_id, WorkloadSpec};
+use crate::store::{KvBucket, KvChange, StateStore, StoreError};
+use crate::subjects::Subjects;
+use crate::transport::{Message, Transport};
+use crate::wire::{NodeInfo, StateRecord};
+use crate::{Node, NodeBuilder, NodeError, Status};
+
+pub(crate) mod placement;
+
+/// How a node takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// How often the node re-puts its membership entry.
+    pub heartbeat: Duration,
+    /// How long a membership entry lives without a heartbeat.
+    pub node_ttl: Duration,
+    /// Availability zone of this node.
+    pub zone: Option<String>,
+    /// Labels of this node.
+    pub labels: BTreeMap<String, String>,
+    /// Most workloads this node takes (advertised; enforced by placement).
+    pub capacity: Option<u32>,
+    /// Relative share of workloads (1.0 by default).
+    pub weight: f64,
+    /// Copies of each bucket kept by a NATS cluster (1, or 3 with 3 servers).
+    pub replicas: usize,
+    /// Claims in flight at once.
+    pub claim_concurrency: usize,
+    /// Workloads being handed over to another node at once (rebalance).
+    pub max_handoffs: usize,
+    /// Shortest time between two full reconciliations.
+    pub reconcile_min_interval: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(5),
+            zone: None,
+            labels: BTreeMap::new(),
+            capacity: None,
+            weight: 1.0,
+            replicas: 1,
+            claim_concurrency: 256,
+            max_handoffs: 64,
+            reconcile_min_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat.is_zero() || self.node_ttl < self.heartbeat * 2 {
+            return Err(format!(
+                "node TTL ({:?}) must be at least twice the heartbeat ({:?})",
+                self.node_ttl, self.heartbeat
+            ));
+        }
+        if self.node_ttl < Duration::from_secs(1) {
+            return Err("node TTL must be at least 1 s (the KV expiry resolution)".into());
+        }
+        if !(self.weight > 0.0 && self.weight.is_finite()) {
+            return Err("weight must be a positive number".into());
+        }
+        if self.claim_concurrency == 0 || self.max_handoffs == 0 {
+            return Err("claim_concurrency and max_handoffs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A node taking part in a cluster. Dropping it without [`Cluster::stop`]
+/// is like a crash: its entries expire and others take over.
+pub struct Cluster {
+    node: Node,
+    stop: watch::Sender<bool>,
+    coordinator: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    nodes: Arc<dyn KvBucket>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).finish()
+    }
+}
+
+fn backend(e: StoreError) -> NodeError {
+    NodeError::Backend(e.to_string())
+}
+
+impl Cluster {
+    /// Starts a node on `store` and `transport`, registers it in the
+    /// membership bucket and starts claiming workloads.
+    pub async fn start(
+        builder: NodeBuilder,
+        store: Arc<dyn StateStore>,
+        transport: Arc<dyn Transport>,
+        cfg: ClusterConfig,
+    ) -> Result<Cluster, NodeError> {
+        cfg.validate().map_err(NodeError::InvalidSettings)?;
+        let node = builder
+            .state_store(store.clone())
+            .transport(transport.clone())
+            .state_replicas(cfg.replicas)
+            .start()
+            .await?;
+        let subjects = node.subjects().clone();
+        let workloads = store
+            .bucket(&subjects.workloads_bucket_spec(cfg.replicas))
+            .await
+            .map_err(backend)?;
+        let nodes = store
+            .bucket(&subjects.nodes_bucket_spec(cfg.node_ttl, cfg.replicas))
+            .await
+            .map_err(backend)?;
+        let state = store
+            .bucket(&subjects.state_bucket_spec_with(cfg.replicas))
+            .await
+            .map_err(backend)?;
+        let me = node.id().to_string();
+        let info = NodeInfo {
+            id: me.clone(),
+            zone: cfg.zone.clone(),
+            labels: cfg.labels.clone(),
+            capacity: cfg.capacity,
+            weight: cfg.weight,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started: SystemTime::now(),
+            load: 0,
+        };
+        // Register before claiming anything: others must see us alive first.
+        nodes
+            .put(&me, json_bytes(&info))
+            .await
+            .map_err(backend)?;
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            node.clone(),
+            nodes.clone(),
+            info.clone(),
+            cfg.heartbeat,
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let mut live = BTreeMap::new();
+        live.insert(me.clone(), info);
+        let coordinator = Coordinator {
+            me,
+            node: node.clone(),
+            cfg,
+            subjects,
+            transport,
+            workloads,
+            nodes: nodes.clone(),
+            state,
+            live,
+            specs: HashMap::new(),
+            claims: HashMap::new(),
+            synced: [false; 3],
+            pending: HashSet::new(),
+            releasing: HashSet::new(),
+            running_rev: HashMap::new(),
+            failed_rev: HashMap::new(),
+            results_tx,
+        };
+        let coordinator = tokio::spawn(coordinator.run(stop_rx, results_rx));
+        tracing::info!(node = node.id(), "joined cluster");
+        Ok(Cluster {
+            node,
+            stop,
+            coordinator,
+            heartbeat,
+            nodes,
+        })
+    }
+
+    /// The node: its workloads, tasks and events.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Leaves cleanly: stops claiming, stops every workload and deletes its
+    /// claims, then deletes the membership entry, so the others take over at once.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.coordinator.await;
+        self.node.stop().await;
+        self.heartbeat.abort();
+        if let Err(e) = self.nodes.delete(self.node.id(), None).await {
+            tracing::warn!(error = %e, "could not delete membership entry; it will expire");
+        }
+        tracing::info!(node = self.node.id(), "left cluster");
+    }
+
+    /// Simulates a crash (for tests): stops heartbeats and coordination and
+    /// abandons every actor without releasing anything.
+    #[doc(hidden)]
+    pub fn abort(self) {
+        self.heartbeat.abort();
+        self.coordinator.abort();
+    }
+}
+
+fn json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
+    // Our wire types are plain strings, numbers and maps: they always serialise.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+async fn heartbeat_loop(node: Node, nodes: Arc<dyn KvBucket>, mut info: NodeInfo, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        info.load = node.len() as u64;
+        if let Err(e) = nodes.put(&info.id, json_bytes(&info)).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// A watch that re-subscribes when its stream ends (connection trouble);
+/// each new subscription replays the bucket and ends with `Synced` again.
+fn resilient_watch(bucket: Arc<dyn KvBucket>, name: String) -> BoxStream<'static, KvChange> {
+    futures::stream::unfold(
+        (bucket, None::<BoxStream<'static, KvChange>>, name),
+        |(bucket, mut current, name)| async move {
+            loop {
+                if let Some(s) = current.as_mut() {
+                    if let Some(c) = s.next().await {
+                        return Some((c, (bucket, current, name)));
+                    }
+                    tracing::warn!(bucket = %name, "watch ended; re-watching");
+                    current = None;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                match bucket.watch().await {
+                    Ok(s) => current = Some(s),
+                    Err(e) => {
+                        tracing::warn!(bucket = %name, error = %e, "cannot watch; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        },
+    )
+    .boxed()
+}
+
+enum Input {
+    Spec(KvChange),
+    Node(KvChange),
+    State(KvChange),
+}
+
+struct SpecEntry {
+    revision: u64,
+    spec: Result<WorkloadSpec, String>,
+}
+
+struct Claim {
+    owner: String,
+    revision: u64,
+}
+
+enum ClaimKind {
+    /// Create the key (it is absent).
+    Create,
+    /// CAS from this revision (our own stale claim, or a gone owner's).
+    Replace(u64),
+}
+
+struct ClaimResult {
+    id: String,
+    spec_revision: u64,
+    /// `Err(reason)`: the spec is unusable and the claim records `failed`.
+    failed: Option<String>,
+    result: Result<u64, StoreError>,
+}
+
+struct Coordinator {
+    me: String,
+    node: Node,
+    cfg: ClusterConfig,
+    subjects: Subjects,
+    transport: Arc<dyn Transport>,
+    workloads: Arc<dyn KvBucket>,
+    nodes: Arc<dyn KvBucket>,
+    state: Arc<dyn KvBucket>,
+    /// Live nodes (membership entries present), us included.
+    live: BTreeMap<String, NodeInfo>,
+    specs: HashMap<String, SpecEntry>,
+    claims: HashMap<String, Claim>,
+    /// Specs, nodes, state: each watch has replayed its bucket.
+    synced: [bool; 3],
+    /// Claims in flight.
+    pending: HashSet<String>,
+    /// Workloads we are handing over; until their claim's delete is seen.
+    releasing: HashSet<String>,
+    /// The spec revision each local workload runs.
+    running_rev: HashMap<String, u64>,
+    /// Spec revisions this node could not run (unknown kind, bad config):
+    /// not retried until the spec changes.
+    failed_rev: HashMap<String, u64>,
+    results_tx: mpsc::UnboundedSender<ClaimResult>,
+}
+
+impl Coordinator {
+    async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut results: mpsc::UnboundedReceiver<ClaimResult>,
+    ) {
+        let mut inputs = futures::stream::select_all([
+            resilient_watch(self.workloads.clone(), self.subjects.workloads_bucket())
+                .map(Input::Spec)
+                .boxed(),
+            resilient_watch(self.nodes.clone(), self.subjects.nodes_bucket())
+                .map(Input::Node)
+                .boxed(),
+            resilient_watch(self.state.clone(), self.subjects.state_bucket())
+                .map(Input::State)
+                .boxed(),
+        ]);
+        let mut events = self.node.subscribe();
+        let mut safety = tokio::time::interval(Duration::from_secs(1));
+        let mut dirty = false;
+        let mut last = Instant::now() - self.cfg.reconcile_min_interval;
+        loop {
+            let due = last + self.cfg.reconcile_min_interval;
+            tokio::select! {
+                _ = stop.changed() => return,
+                Some(input) = inputs.next() => {
+                    self.apply(input);
+                    // Take everything already buffered before reconciling.
+                    for _ in 0..4096 {
+                        match inputs.next().now_or_never() {
+                            Some(Some(input)) => self.apply(input),
+                            _ => break,
+                        }
+                    }
+                    dirty = true;
+                }
+                Some(r) = results.recv() => {
+                    self.on_claimed(r).await;
+                    dirty = true;
+                }
+                ev = events.recv() => match ev {
+                    Ok(e) => self.publish_event(&e).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "event publisher fell behind");
+                    }
+                    Err(_) => return,
+                },
+                _ = safety.tick() => dirty = true,
+                _ = tokio::time::sleep_until(due), if dirty => {}
+            }
+            if dirty && self.synced.iter().all(|s| *s) && Instant::now() >= due {
+                self.reconcile();
+                dirty = false;
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn apply(&mut self, input: Input) {
+        tracing::trace!(input = ?match &input { Input::Spec(c) => ("spec", c), Input::Node(c) => ("node", c), Input::State(c) => ("state", c) }, "input");
+        match input {
+            Input::Spec(KvChange::Synced) => self.synced[0] = true,
+            Input::Node(KvChange::Synced) => self.synced[1] = true,
+            Input::State(KvChange::Synced) => self.synced[2] = true,
+            Input::Spec(KvChange::Put(e)) => {
+                let spec = parse_spec(&e.key, &e.value);
+                if let Err(reason) = &spec {
+                    tracing::warn!(workload = %e.key, %reason, "unusable spec");
+                }
+                self.specs.insert(
+                    e.key,
+                    SpecEntry {
+                        revision: e.revision,
+                        spec,
+                    },
+                );
+            }
+            Input::Spec(KvChange::Delete { key, .. }) => {
+                self.specs.remove(&key);
+            }
+            Input::Node(KvChange::Put(e)) => {
+                let info = serde_json::from_slice::<NodeInfo>(&e.value).unwrap_or_else(|_| {
+                    // Unreadable (newer version?): still a live node, default share.
+                    NodeInfo {
+                        id: e.key.clone(),
+                        zone: None,
+                        labels: BTreeMap::new(),
+                        capacity: None,
+                        weight: 1.0,
+                        version: "?".into(),
+                        started: SystemTime::UNIX_EPOCH,
+                        load: 0,
+                    }
+                });
+                self.live.insert(e.key, info);
+            }
+            Input::Node(KvChange::Delete { key, .. }) => {
+                if key == self.me {
+                    // Our entry expired (we were too slow to heartbeat): the
+                    // heartbeat task re-puts it; others may take over our
+                    // workloads meanwhile and our CAS writes then fence us.
+                    tracing::warn!("own membership entry expired");
+                } else {
+                    tracing::info!(node = %key, "node left");
+                    self.live.remove(&key);
+                }
+            }
+            Input::State(KvChange::Put(e)) => {
+                if self.claims.get(&e.key).is_some_and(|c| c.revision > e.revision) {
+                    return; // older than what we know
+                }
+                let owner = serde_json::from_slice::<StateRecord>(&e.value)
+                    .map(|r| r.owner)
+                    .unwrap_or_else(|_| "?".into());
+                if owner != self.me && self.node.has_workload(&e.key) {
+                    self.node.fence_workload(
+                        &e.key,
+                        format!("claim lost: node {owner} now owns the workload"),
+                    );
+                    self.running_rev.remove(&e.key);
+                }
+                self.claims.insert(
+                    e.key,
+                    Claim {
+                        owner,
+                        revision: e.revision,
+                    },
+                );
+            }
+            Input::State(KvChange::Delete { key, revision }) => {
+                if self.claims.get(&key).is_some_and(|c| c.revision > revision) {
+                    return;
+                }
+                self.claims.remove(&key);
+                self.releasing.remove(&key);
+                if self.node.has_workload(&key)
+                    && self.node.workload(&key).is_some_and(|w| w.status != Status::Stopping)
+                {
+                    self.node
+                        .fence_workload(&key, "claim lost: state key deleted by someone else".into());
+                    self.running_rev.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn reconcile(&mut self) {
+        tracing::debug!(specs = self.specs.len(), live = self.live.len(), claims = self.claims.len(), pending = self.pending.len(), "reconcile");
+        let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
+        let mut handoffs = self.releasing.len();
+        // Local workloads: spec gone or changed, or placed elsewhere now.
+        for id in &local {
+            if self.releasing.contains(id) {
+                continue;
+            }
+            let why = match self.specs.get(id) {
+                None => Some("spec deleted"),
+                Some(s) if self.running_rev.get(id).is_some_and(|r| *r != s.revision) => {
+                    Some("spec changed")
+                }
+                Some(_) => match placement::owner(&self.live, id) {
+                    Some(o) if o != self.me && handoffs < self.cfg.max_handoffs => {
+                        handoffs += 1;
+                        Some("placement moved it")
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(why) = why {
+                tracing::info!(workload = %id, reason = why, "releasing");
+                if self.node.delete_workload(id).is_ok() {
+                    self.releasing.insert(id.clone());
+                    self.running_rev.remove(id);
+                    self.publish_cluster_event(id, "released", why);
+                }
+            }
+        }
+        // Specs: claim what placement gives us.
+        let mut to_claim = Vec::new();
+        let mut to_release = Vec::new();
+        let room = self.cfg.claim_concurrency.saturating_sub(self.pending.len());
+        for (id, entry) in &self.specs {
+            if to_claim.len() >= room {
+                break; // the rest after some claims complete
+            }
+            if self.pending.contains(id) || local.contains(id) || self.releasing.contains(id) {
+                continue;
+            }
+            let desired = placement::owner(&self.live, id);
+            let mine = desired == Some(self.me.as_str());
+            let kind = match self.claims.get(id) {
+                None if mine => {
+                    if self.failed_rev.get(id) == Some(&entry.revision) {
+                        continue;
+                    }
+                    ClaimKind::Create
+                }
+                Some(c) if c.owner == self.me => {
+                    if self.failed_rev.get(id) == Some(&entry.revision) {
+                        continue; // our `failed` record stands until the spec changes
+                    }
+                    if mine {
+                        ClaimKind::Replace(c.revision)
+                    } else {
+                        // Our stale claim (e.g. from before a restart): hand it over.
+                        to_release.push((id.clone(), c.revision));
+                        continue;
+                    }
+                }
+                Some(c) if mine && !self.live.contains_key(&c.owner) => {
+                    ClaimKind::Replace(c.revision)
+                }
+                _ => continue,
+            };
+            to_claim.push((id.clone(), entry.revision, kind, entry.spec.clone()));
+        }
+        for (id, rev) in to_release {
+            self.spawn_release_key(id, rev);
+        }
+        for (id, spec_rev, kind, spec) in to_claim {
+            self.pending.insert(id.clone());
+            self.spawn_claim(id, spec_rev, kind, spec);
+        }
+        // Our claims with no spec and no local workload: garbage.
+        let stale: Vec<(String, u64)> = self
+            .claims
+            .iter()
+            .filter(|(id, c)| {
+                c.owner == self.me
+                    && !self.specs.contains_key(*id)
+                    && !local.contains(*id)
+                    && !self.pending.contains(*id)
+                    && !self.releasing.contains(*id)
+            })
+            .map(|(id, c)| (id.clone(), c.revision))
+            .collect();
+        for (id, rev) in stale {
+            self.spawn_release_key(id, rev);
+        }
+    }
+
+    fn spawn_release_key(&mut self, id: String, revision: u64) {
+        self.releasing.insert(id.clone());
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.delete(&id, Some(revision)).await {
+                tracing::debug!(workload = %id, error = %e, "stale claim not deleted");
+            }
+        });
+    }
+
+    fn spawn_claim(
+        &self,
+        id: String,
+        spec_revision: u64,
+        kind: ClaimKind,
+        spec: Result<WorkloadSpec, String>,
+    ) {
+        let failed = spec.as_ref().err().cloned();
+        let record = StateRecord {
+            owner: self.me.clone(),
+            kind: spec.map(|s| s.kind).unwrap_or_default(),
+            status: if failed.is_some() {
+                Status::Failed
+            } else {
+                Status::Initializing
+            },
+            since: SystemTime::now(),
+            reason: failed.clone(),
+            restarts: 0,
+        };
+        let value = json_bytes(&record);
+        let state = self.state.clone();
+        let tx = self.results_tx.clone();
+        tokio::spawn(async move {
+            let result = match kind {
+                ClaimKind::Create => state.create(&id, value).await,
+                ClaimKind::Replace(rev) => state.update(&id, value, rev).await,
+            };
+            let _ = tx.send(ClaimResult {
+                id,
+                spec_revision,
+                failed,
+                result,
+            });
+        });
+    }
+
+    async fn on_claimed(&mut self, r: ClaimResult) {
+        self.pending.remove(&r.id);
+        let revision = match r.result {
+            Ok(rev) => rev,
+            Err(StoreError::Backend(e)) => {
+                tracing::warn!(workload = %r.id, error = %e, "claim failed; will retry");
+                return;
+            }
+            Err(_) => return, // somebody else was faster: the watch tells us who
+        };
+        self.claims.insert(
+            r.id.clone(),
+            Claim {
+                owner: self.me.clone(),
+                revision,
+            },
+        );
+        if r.failed.is_some() {
+            self.failed_rev.insert(r.id, r.spec_revision);
+            return;
+        }
+        let spec = match self.specs.get(&r.id) {
+            Some(SpecEntry {
+                revision: rev,
+                spec: Ok(spec),
+            }) if *rev == r.spec_revision => spec.clone(),
+            _ => {
+                // The spec changed or went while we claimed: give the claim back.
+                self.spawn_release_key(r.id, revision);
+                return;
+            }
+        };
+        match self.node.add_claimed_workload(spec, revision).await {
+            Ok(()) => {
+                self.running_rev.insert(r.id.clone(), r.spec_revision);
+                self.publish_cluster_event(&r.id, "claimed", "placement");
+            }
+            Err(e) => {
+                // This node can't run it (unknown kind, bad config): record why.
+                tracing::warn!(workload = %r.id, error = %e, "cannot run claimed workload");
+                self.failed_rev.insert(r.id.clone(), r.spec_revision);
+                let record = StateRecord {
+                    owner: self.me.clone(),
+                    kind: String::new(),
+                    status: Status::Failed,
+                    since: SystemTime::now(),
+                    reason: Some(e.to_string()),
+                    restarts: 0,
+                };
+                if let Ok(rev) = self.state.update(&r.id, json_bytes(&record), revision).await {
+                    if let Some(c) = self.claims.get_mut(&r.id) {
+                        c.revision = c.revision.max(rev);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn publish_event(&self, e: &Event) {
+        let mut v = serde_json::to_value(e).unwrap_or_default();
+        v["node"] = serde_json::Value::String(self.me.clone());
+        let subject = self.subjects.event(e.workload(), e.name());
+        if let Err(err) = self
+            .transport
+            .publish(&subject, Message::new(json_bytes(&v)))
+            .await
+        {
+            tracing::debug!(%subject, error = %err, "event not published");
+        }
+    }
+
+    fn publish_cluster_event(&self, id: &str, event: &'static str, reason: &str) {
+        let v = serde_json::json!({
+            "event": event, "workload": id, "node": self.me, "reason": reason,
+        });
+        let subject = self.subjects.event(id, event);
+        let transport = self.transport.clone();
+        tokio::spawn(async move {
+            let _ = transport.publish(&subject, Message::new(json_bytes(&v))).await;
+        });
+    }
+}
+
+/// Reads a spec from the workloads bucket: the key is the id; the value's
+/// `id`, if given, must agree.
+fn parse_spec(key: &str, value: &[u8]) -> Result<WorkloadSpec, String> {
+    validate_id(key)?;
+    let mut v: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("spec is not JSON: {e}"))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| "spec must be a JSON object".to_string())?;
+    match obj.get("id").and_then(|i| i.as_str()) {
+        Some(id) if id != key => return Err(format!("spec id {id:?} differs from its key {key:?}")),
+        _ => {
+            obj.insert("id".into(), serde_json::Value::String(key.to_string()));
+        }
+    }
+    serde_json::from_value(v).map_err(|e| format!("invalid spec: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_spec;
+
+    #[test]
+    fn specs_from_storage() {
+        let s = parse_spec("r1", br#"{"kind":"sim","labels":{"a":"b"}}"#).unwrap();
+        assert_eq!((s.id.as_str(), s.kind.as_str()), ("r1", "sim"));
+        assert!(parse_spec("r1", br#"{"id":"r2","kind":"sim"}"#).unwrap_err().contains("differs"));
+        assert!(parse_spec("r1", b"nope").unwrap_err().contains("not JSON"));
+        assert!(parse_spec("r1", br#"{"config":{}}"#).unwrap_err().contains("kind"));
+        assert!(parse_spec("a.b", br#"{"kind":"sim"}"#).is_err());
+    }
+}

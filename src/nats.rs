@@ -1,0 +1,396 @@
+//! The production backends: [`NatsStore`] (JetStream KV) and
+//! [`NatsTransport`] (core NATS request/reply).
+//!
+//! **Architecture Invariant:** nothing outside this module names an
+//! async-nats type; async-nats error kinds are mapped here, explicitly, to
+//! [`StoreError`] / [`TransportError`] variants the claim protocol matches on.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, SelectAll, StreamExt};
+use futures::{Future, Stream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{BucketSpec, KvBucket, KvChange, KvEntry, StateStore, StoreError};
+use crate::transport::{Message, RequestHandler, Transport, TransportError};
+
+/// How long a watch may stay silent before it counts as caught up when the
+/// server could not tell (every entry expired between status and watch).
+const WATCH_SYNC_GRACE: Duration = Duration::from_secs(2);
+
+/// Connects to NATS: `urls` is one or more comma-separated server URLs.
+pub async fn connect(urls: &str, name: &str) -> Result<async_nats::Client, String> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(urls)
+        .await
+        .map_err(|e| format!("cannot connect to NATS at {urls}: {e}"))
+}
+
+/// JetStream KV buckets as a [`StateStore`].
+#[derive(Clone)]
+pub struct NatsStore {
+    js: jetstream::Context,
+}
+
+impl NatsStore {
+    /// A store on this connection.
+    pub fn new(client: async_nats::Client) -> Self {
+        NatsStore {
+            js: jetstream::new(client),
+        }
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+#[async_trait]
+impl StateStore for NatsStore {
+    async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError> {
+        let config = kv::Config {
+            bucket: spec.name.clone(),
+            description: spec.description.clone(),
+            history: i64::from(spec.history.max(1)),
+            max_age: spec.max_age.unwrap_or_default(),
+            storage: if spec.in_memory {
+                jetstream::stream::StorageType::Memory
+            } else {
+                jetstream::stream::StorageType::File
+            },
+            num_replicas: spec.replicas.max(1),
+            // Expiry leaves a marker so watchers see a node leave at once.
+            limit_markers: spec.max_age.map(|ttl| ttl.max(Duration::from_secs(1))),
+            ..Default::default()
+        };
+        let store = self
+            .js
+            .create_or_update_key_value(config)
+            .await
+            .map_err(|e| backend(format!("creating bucket {}: {e}", spec.name)))?;
+        Ok(Arc::new(NatsBucket { store }))
+    }
+}
+
+/// One JetStream KV bucket.
+pub(crate) struct NatsBucket {
+    store: kv::Store,
+}
+
+#[async_trait]
+impl KvBucket for NatsBucket {
+    async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
+        match self.store.entry(key).await.map_err(backend)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some(KvEntry {
+                key: e.key,
+                value: e.value,
+                revision: e.revision,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
+        self.store.put(key, value).await.map_err(backend)
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
+        match self.store.create(key, value).await {
+            Ok(rev) => Ok(rev),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let revision = self.get(key).await?.map_or(0, |e| e.revision);
+                Err(StoreError::AlreadyExists {
+                    key: key.to_string(),
+                    revision,
+                })
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn update(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, StoreError> {
+        match self.store.update(key, value, expected).await {
+            Ok(rev) => Ok(rev),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(StoreError::RevisionMismatch {
+                    key: key.to_string(),
+                    expected,
+                    found: None,
+                })
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<(), StoreError> {
+        match self.store.delete_expect_revision(key, expected).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(StoreError::RevisionMismatch {
+                    key: key.to_string(),
+                    expected: expected.unwrap_or(0),
+                    found: None,
+                })
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError> {
+        let store = self.store.clone();
+        // Fresh stream info (the store's own is cached from when it was opened).
+        let mut stream = store.stream.clone();
+        let empty = stream.info().await.map_err(backend)?.state.messages == 0;
+        // `watch_all` delivers only new changes; this replays the last value
+        // (or delete marker) of every key first.
+        let watch = store.watch_with_history(">").await.map_err(backend)?;
+        let bucket = store.name.clone();
+        let state = (watch, !empty, Vec::<KvChange>::new());
+        let changes = futures::stream::unfold(state, move |(mut watch, mut syncing, mut queued)| {
+            let bucket = bucket.clone();
+            async move {
+                loop {
+                    if let Some(c) = queued.pop() {
+                        return Some((c, (watch, syncing, queued)));
+                    }
+                    let next = if syncing {
+                        match tokio::time::timeout(WATCH_SYNC_GRACE, watch.next()).await {
+                            Ok(n) => n,
+                            Err(_) => {
+                                syncing = false;
+                                return Some((KvChange::Synced, (watch, syncing, queued)));
+                            }
+                        }
+                    } else {
+                        watch.next().await
+                    };
+                    let entry = match next? {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::warn!(%bucket, error = %e, "watch error; continuing");
+                            continue;
+                        }
+                    };
+                    let change = match entry.operation {
+                        kv::Operation::Put => KvChange::Put(KvEntry {
+                            key: entry.key,
+                            value: entry.value,
+                            revision: entry.revision,
+                        }),
+                        kv::Operation::Delete | kv::Operation::Purge => KvChange::Delete {
+                            key: entry.key,
+                            revision: entry.revision,
+                        },
+                    };
+                    if syncing && entry.delta == 0 {
+                        syncing = false;
+                        queued.push(KvChange::Synced); // after this change
+                    }
+                    return Some((change, (watch, syncing, queued)));
+                }
+            }
+        });
+        let synced_first = if empty {
+            futures::stream::iter(vec![KvChange::Synced]).boxed()
+        } else {
+            futures::stream::empty().boxed()
+        };
+        Ok(synced_first.chain(changes).boxed())
+    }
+}
+
+/// Core NATS as a [`Transport`]. One dispatcher task serves every
+/// subscription of the node (no task per workload).
+pub struct NatsTransport {
+    client: async_nats::Client,
+    new_subs: mpsc::UnboundedSender<Served>,
+    cancels: Mutex<HashMap<String, oneshot::Sender<()>>>,
+}
+
+impl NatsTransport {
+    /// A transport on this connection. Must be called inside a tokio runtime.
+    pub fn new(client: async_nats::Client) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Served>();
+        tokio::spawn(async move {
+            let mut all: SelectAll<Served> = SelectAll::new();
+            loop {
+                tokio::select! {
+                    new = rx.recv() => match new {
+                        Some(s) => all.push(s),
+                        None => return, // transport dropped
+                    },
+                    Some((handler, msg)) = all.next(), if !all.is_empty() => {
+                        let reply = msg.reply.as_ref().map(|r| r.to_string());
+                        handler.handle(&msg.subject, from_nats(&msg), reply);
+                    }
+                }
+            }
+        });
+        NatsTransport {
+            client,
+            new_subs: tx,
+            cancels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The underlying connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+/// One subscription inside the dispatcher; ends (and unsubscribes, by
+/// dropping the subscriber) when its cancel fires.
+struct Served {
+    sub: async_nats::Subscriber,
+    cancel: oneshot::Receiver<()>,
+    handler: Arc<dyn RequestHandler>,
+}
+
+impl Stream for Served {
+    type Item = (Arc<dyn RequestHandler>, async_nats::Message);
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if Pin::new(&mut self.cancel).poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        match self.sub.poll_next_unpin(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some((self.handler.clone(), m))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn from_nats(m: &async_nats::Message) -> Message {
+    let headers = m
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Message {
+        headers,
+        payload: m.payload.clone(),
+    }
+}
+
+fn to_headers(m: &Message) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in &m.headers {
+        h.append(k.as_str(), v.as_str());
+    }
+    h
+}
+
+fn transport_err(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Backend(e.to_string())
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    async fn serve(
+        &self,
+        subject: &str,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<(), TransportError> {
+        let sub = self
+            .client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(transport_err)?;
+        let (tx, rx) = oneshot::channel();
+        // A previous subscription on the subject ends when its sender drops here.
+        self.cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(subject.to_string(), tx);
+        self.new_subs
+            .send(Served {
+                sub,
+                cancel: rx,
+                handler,
+            })
+            .map_err(|_| TransportError::Backend("transport dispatcher stopped".into()))
+    }
+
+    async fn unserve(
+        &self,
+        subject: &str,
+        _handler: &Arc<dyn RequestHandler>,
+    ) -> Result<(), TransportError> {
+        let cancel = self
+            .cancels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(subject);
+        if let Some(c) = cancel {
+            let _ = c.send(());
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, subject: &str, message: Message) -> Result<(), TransportError> {
+        let headers = to_headers(&message);
+        self.client
+            .publish_with_headers(subject.to_string(), headers, message.payload)
+            .await
+            .map_err(transport_err)
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        request: Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
+        let req = async_nats::Request::new()
+            .headers(to_headers(&request))
+            .payload(request.payload)
+            .timeout(Some(timeout));
+        match self.client.send_request(subject.to_string(), req).await {
+            Ok(m) => Ok(from_nats(&m)),
+            Err(e) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    TransportError::NoResponders(subject.to_string())
+                }
+                async_nats::RequestErrorKind::TimedOut => TransportError::Timeout,
+                _ => transport_err(e),
+            }),
+        }
+    }
+
+    async fn request_many(
+        &self,
+        subject: &str,
+        request: Message,
+    ) -> Result<BoxStream<'static, Message>, TransportError> {
+        let inbox = self.client.new_inbox();
+        let sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(transport_err)?;
+        self.client
+            .publish_with_reply_and_headers(
+                subject.to_string(),
+                inbox,
+                to_headers(&request),
+                request.payload,
+            )
+            .await
+            .map_err(transport_err)?;
+        Ok(sub.map(|m| from_nats(&m)).boxed())
+    }
+}

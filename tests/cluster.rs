@@ -1,0 +1,422 @@
+//! Cluster mode against real nats-server processes (JetStream), driven the
+//! way an operator would: specs written and state read with a plain
+//! async-nats client, tasks sent as plain NATS requests.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use ottomato::actors::sim::SimKind;
+use ottomato::nats::{NatsStore, NatsTransport};
+use ottomato::store::StateStore;
+use ottomato::subjects::Subjects;
+use ottomato::{Cluster, ClusterConfig, Node, NodeConfig};
+use serde_json::{json, Value};
+use support::{eventually, NatsServer};
+
+async fn start_node(url: &str, id: &str, cfg: NodeConfig) -> Cluster {
+    let client = ottomato::nats::connect(url, id).await.expect("connect");
+    let store = Arc::new(NatsStore::new(client.clone()));
+    let transport = Arc::new(NatsTransport::new(client));
+    Cluster::start(
+        Node::builder().config(cfg).node_id(id).kind(SimKind),
+        store,
+        transport,
+        ClusterConfig::default(),
+    )
+    .await
+    .expect("node joins")
+}
+
+/// The operator's view: a plain client, the workloads bucket, and a watcher of
+/// the state bucket that records every owner change.
+struct Operator {
+    client: async_nats::Client,
+    specs: kv::Store,
+    state: kv::Store,
+    /// workload → (owner, status), as the state bucket says now.
+    view: Arc<Mutex<HashMap<String, (String, String)>>>,
+    /// Owner changes seen without a delete in between (must stay empty).
+    violations: Arc<Mutex<Vec<String>>>,
+}
+
+impl Operator {
+    async fn connect(url: &str) -> Operator {
+        // Buckets are created here with the node's own settings so the watcher
+        // is in place before any node starts.
+        let client = async_nats::connect(url).await.unwrap();
+        let setup = NatsStore::new(client.clone());
+        let s = Subjects::default();
+        setup.bucket(&s.workloads_bucket_spec(1)).await.unwrap();
+        setup.bucket(&s.state_bucket_spec()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let specs = js.get_key_value("otto_workloads").await.unwrap();
+        let state = js.get_key_value("otto_state").await.unwrap();
+        let view = Arc::new(Mutex::new(HashMap::new()));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let mut watch = state.watch_with_history(">").await.unwrap();
+        let (v, bad) = (view.clone(), violations.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = watch.next().await {
+                let mut v = v.lock().unwrap();
+                match e.operation {
+                    kv::Operation::Put => {
+                        let rec: Value = serde_json::from_slice(&e.value).unwrap();
+                        let owner = rec["owner"].as_str().unwrap().to_string();
+                        let status = rec["status"].as_str().unwrap().to_string();
+                        if let Some((prev, _)) = v.get(&e.key) {
+                            if *prev != owner {
+                                bad.lock().unwrap().push(format!(
+                                    "{}: owner {prev} -> {owner} without release",
+                                    e.key
+                                ));
+                            }
+                        }
+                        v.insert(e.key, (owner, status));
+                    }
+                    _ => {
+                        v.remove(&e.key);
+                    }
+                }
+            }
+        });
+        Operator {
+            client,
+            specs,
+            state,
+            view,
+            violations,
+        }
+    }
+
+    async fn add(&self, id: &str, spec: Value) {
+        self.specs
+            .put(id, Bytes::from(spec.to_string()))
+            .await
+            .unwrap();
+    }
+
+    fn running(&self) -> HashMap<String, String> {
+        self.view
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (_, s))| s == "running")
+            .map(|(k, (o, _))| (k.clone(), o.clone()))
+            .collect()
+    }
+
+    fn assert_no_double_owner(&self) {
+        let bad = self.violations.lock().unwrap();
+        assert!(bad.is_empty(), "double ownership seen: {:?}", &bad[..bad.len().min(5)]);
+    }
+}
+
+/// Every workload in `ids` runs on exactly one of `nodes`.
+fn exactly_once(nodes: &[&Cluster], ids: &[String]) -> Result<(), String> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for n in nodes {
+        for id in n.node().workload_ids() {
+            if let Some(other) = seen.insert(id.clone(), n.node().id()) {
+                return Err(format!("{id} runs on {other} and {}", n.node().id()));
+            }
+        }
+    }
+    let want: HashSet<&String> = ids.iter().collect();
+    let have: HashSet<&String> = seen.keys().collect();
+    if want != have {
+        return Err(format!("{} wanted, {} running", want.len(), have.len()));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_claim_every_workload_exactly_once() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url).await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("dev-{i:04}")).collect();
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let (a, b, c) = tokio::join!(
+        start_node(&server.url, "node-a", NodeConfig::default()),
+        start_node(&server.url, "node-b", NodeConfig::default()),
+        start_node(&server.url, "node-c", NodeConfig::default()),
+    );
+    eventually(120, "1000 workloads running, each on one node", || async {
+        let running = op.running();
+        (running.len() == 1000 && exactly_once(&[&a, &b, &c], &ids).is_ok()).then_some(())
+    })
+    .await;
+    // The state bucket's owner is the node that runs it.
+    for (id, owner) in op.running() {
+        let runner = [&a, &b, &c]
+            .into_iter()
+            .find(|n| n.node().has_workload(&id))
+            .unwrap();
+        assert_eq!(owner, runner.node().id(), "{id}");
+    }
+    // Work is spread: rendezvous hashing gives each node about a third.
+    for n in [&a, &b, &c] {
+        let len = n.node().len();
+        assert!((230..=440).contains(&len), "{} runs {len}", n.node().id());
+    }
+    op.assert_no_double_owner();
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_nats_clients_get_documented_replies_and_errors() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url).await;
+    op.add("t1", json!({"kind": "sim", "labels": {"site": "oslo"}})).await;
+    op.add("t2", json!({"kind": "sim", "queue": 1})).await;
+    op.add("t3", json!({"kind": "sim", "labels": {"site": "bergen"}})).await;
+    let cfg = NodeConfig {
+        max_payload: 64 * 1024,
+        ..Default::default()
+    };
+    let node = start_node(&server.url, "solo", cfg).await;
+    eventually(30, "3 running", || async { (op.running().len() == 3).then_some(()) }).await;
+    let nc = op.client.clone();
+    let ask = move |subject: &'static str, body: Vec<u8>| {
+        let nc = nc.clone();
+        async move {
+            let reply = nc.request(subject, Bytes::from(body)).await.unwrap();
+            serde_json::from_slice::<Value>(&reply.payload).unwrap()
+        }
+    };
+    let nc = &op.client;
+
+    let ok = ask("otto.task.t1", br#"{"command":"echo","args":[1,"x"],"kwargs":{"k":true}}"#.to_vec()).await;
+    for key in [
+        "jobId", "workerId", "workload", "hostname", "command", "args", "kwargs", "success",
+        "error", "errorCode", "return", "timestamp", "executionTime",
+    ] {
+        assert!(ok.get(key).is_some(), "reply lacks {key}: {ok}");
+    }
+    assert_eq!(ok["success"], true);
+    assert_eq!(ok["workerId"], "solo");
+    assert_eq!(ok["workload"], "t1");
+    assert_eq!(ok["return"], json!({"args": [1, "x"], "kwargs": {"k": true}}));
+    assert_eq!((ok["error"].clone(), ok["errorCode"].clone()), (Value::Null, Value::Null));
+
+    // Unknown workload: NATS "no responders", at once.
+    let t = std::time::Instant::now();
+    let err = nc.request("otto.task.ghost", Bytes::from_static(b"{}")).await.unwrap_err();
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    let code = |v: &Value| v["errorCode"].as_str().unwrap_or("").to_string();
+    assert_eq!(code(&ask("otto.task.t1", b"{nope".to_vec()).await), "malformed_request");
+    assert_eq!(code(&ask("otto.task.t1", br#"{"args":[]}"#.to_vec()).await), "malformed_request");
+    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"frob"}"#.to_vec()).await), "unknown_command");
+    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"sleep"}"#.to_vec()).await), "invalid_args");
+    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"fail"}"#.to_vec()).await), "task_failed");
+    let big = format!(r#"{{"command":"echo","args":["{}"]}}"#, "x".repeat(100 * 1024));
+    assert_eq!(code(&ask("otto.task.t1", big.into_bytes()).await), "payload_too_large");
+    let late = ask("otto.task.t1", br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":100}"#.to_vec()).await;
+    assert_eq!(code(&late), "deadline_exceeded");
+    // t2 has a queue of 1: one running, one waiting, the third is busy.
+    let slow = || ask("otto.task.t2", br#"{"command":"sleep","kwargs":{"ms":1500}}"#.to_vec());
+    let (first, second) = (tokio::spawn(slow()), tokio::spawn(slow()));
+    let busy = eventually(10, "a busy answer", || async {
+        let v = ask("otto.task.t2", br#"{"command":"echo"}"#.to_vec()).await;
+        (code(&v) == "busy").then_some(v)
+    })
+    .await;
+    assert_eq!(busy["success"], false);
+    assert!(first.await.unwrap()["success"].as_bool().unwrap());
+    assert!(second.await.unwrap()["success"].as_bool().unwrap());
+
+    // Fan-out by label: one result per match, then the node's done marker.
+    let inbox = nc.new_inbox();
+    let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
+    nc.publish_with_reply(
+        "otto.fanout",
+        inbox,
+        Bytes::from(json!({"labels": {"site": "oslo"}, "command": "hello"}).to_string()),
+    )
+    .await
+    .unwrap();
+    let mut results = vec![];
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        if v["done"] == true {
+            assert_eq!((v["node"].clone(), v["results"].clone()), (json!("solo"), json!(1)));
+            break;
+        }
+        results.push(v);
+    }
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["return"], "hello from t1");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url).await;
+    let ids: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let a = start_node(&server.url, "a", NodeConfig::default()).await;
+    let b = start_node(&server.url, "b", NodeConfig::default()).await;
+    let c = start_node(&server.url, "c", NodeConfig::default()).await;
+    eventually(60, "300 running on 3 nodes", || async {
+        (op.running().len() == 300 && exactly_once(&[&a, &b, &c], &ids).is_ok() && b.node().len() > 0)
+            .then_some(())
+    })
+    .await;
+    let had = b.node().len();
+    b.stop().await;
+    eventually(60, "300 running on a and c", || async {
+        let running = op.running();
+        (running.len() == 300
+            && running.values().all(|o| o != "b")
+            && exactly_once(&[&a, &c], &ids).is_ok())
+        .then_some(())
+    })
+    .await;
+    assert!(had > 50, "b had only {had}");
+    op.assert_no_double_owner();
+    // Its membership entry is gone at once, not after the TTL.
+    let nodes = jetstream::new(op.client.clone()).get_key_value("otto_nodes").await.unwrap();
+    assert_eq!(nodes.get("b").await.unwrap(), None);
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url).await;
+    for i in 0..40 {
+        op.add(&format!("d{i}"), json!({"kind": "sim"})).await;
+    }
+    let a = start_node(&server.url, "a", NodeConfig::default()).await;
+    let b = start_node(&server.url, "b", NodeConfig::default()).await;
+    eventually(60, "40 running", || async { (op.running().len() == 40).then_some(()) }).await;
+    for i in 0..10 {
+        op.specs.delete(format!("d{i}")).await.unwrap();
+    }
+    eventually(30, "deleted specs stopped and their state removed", || async {
+        let gone = (0..10).all(|i| {
+            let id = format!("d{i}");
+            !a.node().has_workload(&id) && !b.node().has_workload(&id)
+        });
+        (gone && op.view.lock().unwrap().len() == 30).then_some(())
+    })
+    .await;
+    assert_eq!(op.state.get("d3").await.unwrap(), None);
+    op.add("d3", json!({"kind": "sim"})).await;
+    eventually(30, "d3 back", || async {
+        (op.running().contains_key("d3")
+            && (a.node().has_workload("d3") ^ b.node().has_workload("d3")))
+        .then_some(())
+    })
+    .await;
+    // A task reaches it again by subject.
+    let reply = op.client.request("otto.task.d3", Bytes::from_static(br#"{"command":"hello"}"#)).await.unwrap();
+    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["return"], "hello from d3");
+    op.assert_no_double_owner();
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_specs_from_storage_show_failed_with_the_reason() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url).await;
+    op.add("x-kind", json!({"kind": "plc9000"})).await;
+    op.add("x-config", json!({"kind": "sim", "config": {"ping_fail_rate": 9}})).await;
+    op.specs.put("x-json", Bytes::from_static(b"{not json")).await.unwrap();
+    op.add("fine", json!({"kind": "sim"})).await;
+    let node = start_node(&server.url, "n", NodeConfig::default()).await;
+    let reasons = eventually(30, "three failed records", || async {
+        let mut out = BTreeMap::new();
+        for id in ["x-kind", "x-config", "x-json"] {
+            let e = op.state.get(id).await.unwrap()?;
+            let v: Value = serde_json::from_slice(&e).unwrap();
+            if v["status"] != "failed" {
+                return None;
+            }
+            out.insert(id, v["reason"].as_str().unwrap_or("").to_string());
+        }
+        Some(out)
+    })
+    .await;
+    assert!(reasons["x-kind"].contains("unknown kind \"plc9000\""), "{reasons:?}");
+    assert!(reasons["x-config"].contains("ping_fail_rate"), "{reasons:?}");
+    assert!(reasons["x-json"].contains("not JSON"), "{reasons:?}");
+    eventually(30, "the good one runs", || async { op.running().contains_key("fine").then_some(()) }).await;
+    assert!(!node.node().has_workload("x-kind"));
+    // Fixing the spec brings it up.
+    op.add("x-kind", json!({"kind": "sim"})).await;
+    eventually(30, "fixed spec runs", || async { op.running().contains_key("x-kind").then_some(()) }).await;
+    node.stop().await;
+}
+
+#[test]
+fn subjects_md_documents_every_subject_bucket_code_and_event() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/subjects.md"))
+        .expect("subjects.md at the repository root");
+    let mut missing = vec![];
+    for p in ottomato::subjects::SUBJECT_PATTERNS
+        .iter()
+        .chain(ottomato::subjects::BUCKET_PATTERNS)
+    {
+        if !doc.contains(&format!("`{p}`")) {
+            missing.push(p.to_string());
+        }
+    }
+    let s = Subjects::default();
+    for name in [s.task("ID"), s.fanout(), s.workloads_bucket(), s.nodes_bucket(), s.state_bucket()] {
+        let generic = name.replace("ID", "<workload-id>").replace("otto", "<prefix>");
+        if !doc.contains(&generic) {
+            missing.push(generic);
+        }
+    }
+    for code in [
+        "not_found", "busy", "deadline_exceeded", "unknown_command", "invalid_args",
+        "task_failed", "panicked", "unavailable", "malformed_request", "payload_too_large",
+    ] {
+        let parsed: ottomato::ErrorCode = serde_json::from_value(json!(code)).unwrap();
+        assert_eq!(parsed.as_str(), code);
+        if !doc.contains(&format!("`{code}`")) {
+            missing.push(code.into());
+        }
+    }
+    for ev in [
+        "added", "initialized", "reachable", "unreachable", "dead", "deleted", "init_error",
+        "stop_error", "restarted", "failed", "claimed", "released",
+    ] {
+        if !doc.contains(&format!("`{ev}`")) {
+            missing.push(ev.into());
+        }
+    }
+    if !doc.contains(ottomato::subjects::ENCODING_HEADER) {
+        missing.push(ottomato::subjects::ENCODING_HEADER.into());
+    }
+    for field in ["jobId", "workerId", "executionTime", "errorCode", "owner", "since", "results"] {
+        if !doc.contains(field) {
+            missing.push(field.into());
+        }
+    }
+    assert!(missing.is_empty(), "subjects.md does not document: {missing:?}");
+}
