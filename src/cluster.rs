@@ -171,10 +171,7 @@ impl Cluster {
             load: 0,
         };
         // Register before claiming anything: others must see us alive first.
-        nodes
-            .put(&me, json_bytes(&info))
-            .await
-            .map_err(backend)?;
+        nodes.put(&me, json_bytes(&info)).await.map_err(backend)?;
         let heartbeat = tokio::spawn(heartbeat_loop(
             node.clone(),
             nodes.clone(),
@@ -453,7 +450,11 @@ impl Coordinator {
                 }
             }
             Input::State(KvChange::Put(e)) => {
-                if self.claims.get(&e.key).is_some_and(|c| c.revision > e.revision) {
+                if self
+                    .claims
+                    .get(&e.key)
+                    .is_some_and(|c| c.revision > e.revision)
+                {
                     return; // older than what we know
                 }
                 let owner = serde_json::from_slice::<StateRecord>(&e.value)
@@ -481,10 +482,15 @@ impl Coordinator {
                 self.claims.remove(&key);
                 self.releasing.remove(&key);
                 if self.node.has_workload(&key)
-                    && self.node.workload(&key).is_some_and(|w| w.status != Status::Stopping)
+                    && self
+                        .node
+                        .workload(&key)
+                        .is_some_and(|w| w.status != Status::Stopping)
                 {
-                    self.node
-                        .fence_workload(&key, "claim lost: state key deleted by someone else".into());
+                    self.node.fence_workload(
+                        &key,
+                        "claim lost: state key deleted by someone else".into(),
+                    );
                     self.running_rev.remove(&key);
                 }
             }
@@ -492,7 +498,13 @@ impl Coordinator {
     }
 
     fn reconcile(&mut self) {
-        tracing::debug!(specs = self.specs.len(), live = self.live.len(), claims = self.claims.len(), pending = self.pending.len(), "reconcile");
+        tracing::debug!(
+            specs = self.specs.len(),
+            live = self.live.len(),
+            claims = self.claims.len(),
+            pending = self.pending.len(),
+            "reconcile"
+        );
         let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
         let mut handoffs = self.releasing.len();
         // Local workloads: spec gone or changed, or placed elsewhere now.
@@ -525,7 +537,10 @@ impl Coordinator {
         // Specs: claim what placement gives us.
         let mut to_claim = Vec::new();
         let mut to_release = Vec::new();
-        let room = self.cfg.claim_concurrency.saturating_sub(self.pending.len());
+        let room = self
+            .cfg
+            .claim_concurrency
+            .saturating_sub(self.pending.len());
         for (id, entry) in &self.specs {
             if to_claim.len() >= room {
                 break; // the rest after some claims complete
@@ -682,7 +697,11 @@ impl Coordinator {
                     reason: Some(e.to_string()),
                     restarts: 0,
                 };
-                if let Ok(rev) = self.state.update(&r.id, json_bytes(&record), revision).await {
+                if let Ok(rev) = self
+                    .state
+                    .update(&r.id, json_bytes(&record), revision)
+                    .await
+                {
                     if let Some(c) = self.claims.get_mut(&r.id) {
                         c.revision = c.revision.max(rev);
                     }
@@ -711,7 +730,9 @@ impl Coordinator {
         let subject = self.subjects.event(id, event);
         let transport = self.transport.clone();
         tokio::spawn(async move {
-            let _ = transport.publish(&subject, Message::new(json_bytes(&v))).await;
+            let _ = transport
+                .publish(&subject, Message::new(json_bytes(&v)))
+                .await;
         });
     }
 }
@@ -726,7 +747,9 @@ fn parse_spec(key: &str, value: &[u8]) -> Result<WorkloadSpec, String> {
         .as_object_mut()
         .ok_or_else(|| "spec must be a JSON object".to_string())?;
     match obj.get("id").and_then(|i| i.as_str()) {
-        Some(id) if id != key => return Err(format!("spec id {id:?} differs from its key {key:?}")),
+        Some(id) if id != key => {
+            return Err(format!("spec id {id:?} differs from its key {key:?}"))
+        }
         _ => {
             obj.insert("id".into(), serde_json::Value::String(key.to_string()));
         }
@@ -742,9 +765,13 @@ mod tests {
     fn specs_from_storage() {
         let s = parse_spec("r1", br#"{"kind":"sim","labels":{"a":"b"}}"#).unwrap();
         assert_eq!((s.id.as_str(), s.kind.as_str()), ("r1", "sim"));
-        assert!(parse_spec("r1", br#"{"id":"r2","kind":"sim"}"#).unwrap_err().contains("differs"));
+        assert!(parse_spec("r1", br#"{"id":"r2","kind":"sim"}"#)
+            .unwrap_err()
+            .contains("differs"));
         assert!(parse_spec("r1", b"nope").unwrap_err().contains("not JSON"));
-        assert!(parse_spec("r1", br#"{"config":{}}"#).unwrap_err().contains("kind"));
+        assert!(parse_spec("r1", br#"{"config":{}}"#)
+            .unwrap_err()
+            .contains("kind"));
         assert!(parse_spec("a.b", br#"{"kind":"sim"}"#).is_err());
     }
 }

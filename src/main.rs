@@ -16,13 +16,9 @@ mod bench;
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG wins when set.
-    #[arg(
-        long,
-        global = true,
-        default_value = "warn",
-        env = "OTTOMATO_LOG_LEVEL"
-    )]
-    log_level: String,
+    /// Default: info for `node`, warn otherwise.
+    #[arg(long, global = true, env = "OTTOMATO_LOG_LEVEL")]
+    log_level: Option<String>,
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -51,9 +47,120 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run a worker node: join the cluster on NATS, claim workloads, serve tasks.
+    /// SIGINT/SIGTERM release every workload and leave cleanly.
+    #[command(
+        after_help = "Examples:\n  ottomato node -s nats://127.0.0.1:4222\n  ottomato node -s nats://n1:4222,nats://n2:4222 --zone a --label rack=r1 --replicas 3"
+    )]
+    Node(NodeArgs),
     /// Benchmarks that print ratios against a raw baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        short = 's',
+        long = "server",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    server: String,
+    /// Node id (a random UUID when not given).
+    #[arg(long, env = "OTTOMATO_NODE_ID")]
+    node_id: Option<String>,
+    /// Availability zone of this node.
+    #[arg(long, env = "OTTOMATO_ZONE")]
+    zone: Option<String>,
+    /// Node label, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_kv)]
+    labels: Vec<(String, String)>,
+    /// Most workloads this node takes.
+    #[arg(long, env = "OTTOMATO_CAPACITY")]
+    capacity: Option<u32>,
+    /// Subject and bucket prefix.
+    #[arg(long, env = "OTTOMATO_PREFIX", default_value = "otto")]
+    prefix: String,
+    /// Bucket replicas (3 on a 3-server NATS cluster).
+    #[arg(long, env = "OTTOMATO_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Membership heartbeat, e.g. 1s.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Membership TTL: a node silent this long is gone, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => ctrl_c().await,
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c().await;
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use ottomato::nats::{connect, NatsStore, NatsTransport};
+    use ottomato::subjects::Subjects;
+    use ottomato::{Cluster, ClusterConfig, Node};
+
+    Subjects::validate_prefix(&args.prefix).map_err(anyhow::Error::msg)?;
+    let mut builder = Node::builder()
+        .kind(ottomato::actors::sim::SimKind)
+        .prefix(&args.prefix);
+    if let Some(id) = &args.node_id {
+        builder = builder.node_id(id);
+    }
+    let name = format!("ottomato node {}", args.node_id.as_deref().unwrap_or(""));
+    let client = connect(&args.server, name.trim())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let cfg = ClusterConfig {
+        heartbeat: args.heartbeat,
+        node_ttl: args.ttl,
+        zone: args.zone,
+        labels: args.labels.into_iter().collect(),
+        capacity: args.capacity,
+        replicas: args.replicas,
+        ..Default::default()
+    };
+    let cluster = Cluster::start(
+        builder,
+        Arc::new(NatsStore::new(client.clone())),
+        Arc::new(NatsTransport::new(client)),
+        cfg,
+    )
+    .await?;
+    println!(
+        "node {} joined the cluster at {}",
+        cluster.node().id(),
+        args.server
+    );
+    shutdown_signal().await;
+    println!("leaving: releasing {} workloads", cluster.node().len());
+    cluster.stop().await;
+    println!("left cleanly");
+    Ok(())
 }
 
 fn init_logging(level: &str, format: &str) {
@@ -79,7 +186,15 @@ async fn ctrl_c() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_level, &cli.log_format);
+    let default_level = if matches!(cli.command, Command::Node(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        &cli.log_format,
+    );
     match cli.command {
         Command::Demo {
             devices,
@@ -108,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Node(args) => run_node(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

@@ -155,50 +155,51 @@ impl KvBucket for NatsBucket {
         let watch = store.watch_with_history(">").await.map_err(backend)?;
         let bucket = store.name.clone();
         let state = (watch, !empty, Vec::<KvChange>::new());
-        let changes = futures::stream::unfold(state, move |(mut watch, mut syncing, mut queued)| {
-            let bucket = bucket.clone();
-            async move {
-                loop {
-                    if let Some(c) = queued.pop() {
-                        return Some((c, (watch, syncing, queued)));
-                    }
-                    let next = if syncing {
-                        match tokio::time::timeout(WATCH_SYNC_GRACE, watch.next()).await {
-                            Ok(n) => n,
-                            Err(_) => {
-                                syncing = false;
-                                return Some((KvChange::Synced, (watch, syncing, queued)));
+        let changes =
+            futures::stream::unfold(state, move |(mut watch, mut syncing, mut queued)| {
+                let bucket = bucket.clone();
+                async move {
+                    loop {
+                        if let Some(c) = queued.pop() {
+                            return Some((c, (watch, syncing, queued)));
+                        }
+                        let next = if syncing {
+                            match tokio::time::timeout(WATCH_SYNC_GRACE, watch.next()).await {
+                                Ok(n) => n,
+                                Err(_) => {
+                                    syncing = false;
+                                    return Some((KvChange::Synced, (watch, syncing, queued)));
+                                }
                             }
+                        } else {
+                            watch.next().await
+                        };
+                        let entry = match next? {
+                            Ok(e) => e,
+                            Err(e) => {
+                                tracing::warn!(%bucket, error = %e, "watch error; continuing");
+                                continue;
+                            }
+                        };
+                        let change = match entry.operation {
+                            kv::Operation::Put => KvChange::Put(KvEntry {
+                                key: entry.key,
+                                value: entry.value,
+                                revision: entry.revision,
+                            }),
+                            kv::Operation::Delete | kv::Operation::Purge => KvChange::Delete {
+                                key: entry.key,
+                                revision: entry.revision,
+                            },
+                        };
+                        if syncing && entry.delta == 0 {
+                            syncing = false;
+                            queued.push(KvChange::Synced); // after this change
                         }
-                    } else {
-                        watch.next().await
-                    };
-                    let entry = match next? {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::warn!(%bucket, error = %e, "watch error; continuing");
-                            continue;
-                        }
-                    };
-                    let change = match entry.operation {
-                        kv::Operation::Put => KvChange::Put(KvEntry {
-                            key: entry.key,
-                            value: entry.value,
-                            revision: entry.revision,
-                        }),
-                        kv::Operation::Delete | kv::Operation::Purge => KvChange::Delete {
-                            key: entry.key,
-                            revision: entry.revision,
-                        },
-                    };
-                    if syncing && entry.delta == 0 {
-                        syncing = false;
-                        queued.push(KvChange::Synced); // after this change
+                        return Some((change, (watch, syncing, queued)));
                     }
-                    return Some((change, (watch, syncing, queued)));
                 }
-            }
-        });
+            });
         let synced_first = if empty {
             futures::stream::iter(vec![KvChange::Synced]).boxed()
         } else {

@@ -191,7 +191,10 @@ impl Shared {
     }
 
     /// Stops answering task requests on `subject`.
-    pub(crate) async fn unserve_task(&self, subject: &str) -> Result<(), crate::transport::TransportError> {
+    pub(crate) async fn unserve_task(
+        &self,
+        subject: &str,
+    ) -> Result<(), crate::transport::TransportError> {
         match self.server.get() {
             Some(server) => self.transport.unserve(subject, server).await,
             None => Ok(()),
@@ -380,7 +383,11 @@ impl Node {
 
     /// Ids of every workload on the node.
     pub fn workload_ids(&self) -> Vec<String> {
-        self.shared.registry().keys().map(|k| k.to_string()).collect()
+        self.shared
+            .registry()
+            .keys()
+            .map(|k| k.to_string())
+            .collect()
     }
 
     /// Whether workload `id` is on the node (in any status).

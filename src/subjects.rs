@@ -163,7 +163,11 @@ mod tests {
         assert_eq!(s.event("r1", "dead"), "otto.events.r1.dead");
         assert_eq!(
             (s.workloads_bucket(), s.nodes_bucket(), s.state_bucket()),
-            ("otto_workloads".into(), "otto_nodes".into(), "otto_state".into())
+            (
+                "otto_workloads".into(),
+                "otto_nodes".into(),
+                "otto_state".into()
+            )
         );
         assert!(Subjects::validate_prefix("otto-2").is_ok());
         assert!(Subjects::validate_prefix("a.b").is_err());

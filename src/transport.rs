@@ -71,8 +71,11 @@ pub enum TransportError {
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Starts delivering messages on `subject` to `handler`.
-    async fn serve(&self, subject: &str, handler: Arc<dyn RequestHandler>)
-        -> Result<(), TransportError>;
+    async fn serve(
+        &self,
+        subject: &str,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<(), TransportError>;
     /// Stops delivering `subject` to `handler`.
     async fn unserve(
         &self,

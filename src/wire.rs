@@ -9,6 +9,8 @@ use serde_json::{Map, Value};
 
 pub use ottomato_actors::Task;
 
+pub mod bin;
+
 /// What went wrong with a task, as a stable snake_case code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -113,7 +113,11 @@ impl Operator {
 
     fn assert_no_double_owner(&self) {
         let bad = self.violations.lock().unwrap();
-        assert!(bad.is_empty(), "double ownership seen: {:?}", &bad[..bad.len().min(5)]);
+        assert!(
+            bad.is_empty(),
+            "double ownership seen: {:?}",
+            &bad[..bad.len().min(5)]
+        );
     }
 }
 
@@ -178,15 +182,20 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     support::init_logs();
     let server = NatsServer::start();
     let op = Operator::connect(&server.url).await;
-    op.add("t1", json!({"kind": "sim", "labels": {"site": "oslo"}})).await;
+    op.add("t1", json!({"kind": "sim", "labels": {"site": "oslo"}}))
+        .await;
     op.add("t2", json!({"kind": "sim", "queue": 1})).await;
-    op.add("t3", json!({"kind": "sim", "labels": {"site": "bergen"}})).await;
+    op.add("t3", json!({"kind": "sim", "labels": {"site": "bergen"}}))
+        .await;
     let cfg = NodeConfig {
         max_payload: 64 * 1024,
         ..Default::default()
     };
     let node = start_node(&server.url, "solo", cfg).await;
-    eventually(30, "3 running", || async { (op.running().len() == 3).then_some(()) }).await;
+    eventually(30, "3 running", || async {
+        (op.running().len() == 3).then_some(())
+    })
+    .await;
     let nc = op.client.clone();
     let ask = move |subject: &'static str, body: Vec<u8>| {
         let nc = nc.clone();
@@ -197,46 +206,142 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     };
     let nc = &op.client;
 
-    let ok = ask("otto.task.t1", br#"{"command":"echo","args":[1,"x"],"kwargs":{"k":true}}"#.to_vec()).await;
+    let ok = ask(
+        "otto.task.t1",
+        br#"{"command":"echo","args":[1,"x"],"kwargs":{"k":true}}"#.to_vec(),
+    )
+    .await;
     for key in [
-        "jobId", "workerId", "workload", "hostname", "command", "args", "kwargs", "success",
-        "error", "errorCode", "return", "timestamp", "executionTime",
+        "jobId",
+        "workerId",
+        "workload",
+        "hostname",
+        "command",
+        "args",
+        "kwargs",
+        "success",
+        "error",
+        "errorCode",
+        "return",
+        "timestamp",
+        "executionTime",
     ] {
         assert!(ok.get(key).is_some(), "reply lacks {key}: {ok}");
     }
     assert_eq!(ok["success"], true);
     assert_eq!(ok["workerId"], "solo");
     assert_eq!(ok["workload"], "t1");
-    assert_eq!(ok["return"], json!({"args": [1, "x"], "kwargs": {"k": true}}));
-    assert_eq!((ok["error"].clone(), ok["errorCode"].clone()), (Value::Null, Value::Null));
+    assert_eq!(
+        ok["return"],
+        json!({"args": [1, "x"], "kwargs": {"k": true}})
+    );
+    assert_eq!(
+        (ok["error"].clone(), ok["errorCode"].clone()),
+        (Value::Null, Value::Null)
+    );
 
     // Unknown workload: NATS "no responders", at once.
     let t = std::time::Instant::now();
-    let err = nc.request("otto.task.ghost", Bytes::from_static(b"{}")).await.unwrap_err();
+    let err = nc
+        .request("otto.task.ghost", Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
     assert!(t.elapsed() < Duration::from_secs(1));
 
     let code = |v: &Value| v["errorCode"].as_str().unwrap_or("").to_string();
-    assert_eq!(code(&ask("otto.task.t1", b"{nope".to_vec()).await), "malformed_request");
-    assert_eq!(code(&ask("otto.task.t1", br#"{"args":[]}"#.to_vec()).await), "malformed_request");
-    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"frob"}"#.to_vec()).await), "unknown_command");
-    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"sleep"}"#.to_vec()).await), "invalid_args");
-    assert_eq!(code(&ask("otto.task.t1", br#"{"command":"fail"}"#.to_vec()).await), "task_failed");
-    let big = format!(r#"{{"command":"echo","args":["{}"]}}"#, "x".repeat(100 * 1024));
-    assert_eq!(code(&ask("otto.task.t1", big.into_bytes()).await), "payload_too_large");
-    let late = ask("otto.task.t1", br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":100}"#.to_vec()).await;
-    assert_eq!(code(&late), "deadline_exceeded");
-    // t2 has a queue of 1: one running, one waiting, the third is busy.
-    let slow = || ask("otto.task.t2", br#"{"command":"sleep","kwargs":{"ms":1500}}"#.to_vec());
-    let (first, second) = (tokio::spawn(slow()), tokio::spawn(slow()));
-    let busy = eventually(10, "a busy answer", || async {
-        let v = ask("otto.task.t2", br#"{"command":"echo"}"#.to_vec()).await;
-        (code(&v) == "busy").then_some(v)
-    })
+    assert_eq!(
+        code(&ask("otto.task.t1", b"{nope".to_vec()).await),
+        "malformed_request"
+    );
+    assert_eq!(
+        code(&ask("otto.task.t1", br#"{"args":[]}"#.to_vec()).await),
+        "malformed_request"
+    );
+    assert_eq!(
+        code(&ask("otto.task.t1", br#"{"command":"frob"}"#.to_vec()).await),
+        "unknown_command"
+    );
+    assert_eq!(
+        code(&ask("otto.task.t1", br#"{"command":"sleep"}"#.to_vec()).await),
+        "invalid_args"
+    );
+    assert_eq!(
+        code(&ask("otto.task.t1", br#"{"command":"fail"}"#.to_vec()).await),
+        "task_failed"
+    );
+    let big = format!(
+        r#"{{"command":"echo","args":["{}"]}}"#,
+        "x".repeat(100 * 1024)
+    );
+    assert_eq!(
+        code(&ask("otto.task.t1", big.into_bytes()).await),
+        "payload_too_large"
+    );
+    let late = ask(
+        "otto.task.t1",
+        br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":100}"#.to_vec(),
+    )
     .await;
-    assert_eq!(busy["success"], false);
-    assert!(first.await.unwrap()["success"].as_bool().unwrap());
-    assert!(second.await.unwrap()["success"].as_bool().unwrap());
+    assert_eq!(code(&late), "deadline_exceeded");
+    // t2 has a queue of 1: of three at once, one runs, one waits, one is busy.
+    let slow = || {
+        ask(
+            "otto.task.t2",
+            br#"{"command":"sleep","kwargs":{"ms":1500}}"#.to_vec(),
+        )
+    };
+    let all = futures::future::join_all([
+        tokio::spawn(slow()),
+        tokio::spawn(slow()),
+        tokio::spawn(slow()),
+    ])
+    .await;
+    let mut codes: Vec<String> = all.into_iter().map(|r| code(&r.unwrap())).collect();
+    codes.sort();
+    assert_eq!(codes, vec!["", "", "busy"]);
+
+    // The bincode fast path, negotiated by header.
+    let req = ottomato::wire::TaskRequest {
+        command: "echo".into(),
+        args: vec![json!({"nested": [1, 2.5, null]})],
+        kwargs: serde_json::Map::new(),
+        timeout_ms: None,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Otto-Encoding", "bincode-v1");
+    let reply = nc
+        .request_with_headers(
+            "otto.task.t1",
+            headers,
+            Bytes::from(ottomato::wire::bin::encode_request(&req)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Otto-Encoding"))
+            .map(|v| v.as_str()),
+        Some("bincode-v1")
+    );
+    let r = ottomato::wire::bin::decode_result(&reply.payload).unwrap();
+    assert!(r.success);
+    assert_eq!(
+        r.ret,
+        json!({"args": [{"nested": [1, 2.5, null]}], "kwargs": {}})
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Otto-Encoding", "msgpack");
+    let reply = nc
+        .request_with_headers("otto.task.t1", headers, Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&serde_json::from_slice(&reply.payload).unwrap()),
+        "malformed_request"
+    );
 
     // Fan-out by label: one result per match, then the node's done marker.
     let inbox = nc.new_inbox();
@@ -250,10 +355,16 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     .unwrap();
     let mut results = vec![];
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
         if v["done"] == true {
-            assert_eq!((v["node"].clone(), v["results"].clone()), (json!("solo"), json!(1)));
+            assert_eq!(
+                (v["node"].clone(), v["results"].clone()),
+                (json!("solo"), json!(1))
+            );
             break;
         }
         results.push(v);
@@ -276,8 +387,10 @@ async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
     let b = start_node(&server.url, "b", NodeConfig::default()).await;
     let c = start_node(&server.url, "c", NodeConfig::default()).await;
     eventually(60, "300 running on 3 nodes", || async {
-        (op.running().len() == 300 && exactly_once(&[&a, &b, &c], &ids).is_ok() && b.node().len() > 0)
-            .then_some(())
+        (op.running().len() == 300
+            && exactly_once(&[&a, &b, &c], &ids).is_ok()
+            && !b.node().is_empty())
+        .then_some(())
     })
     .await;
     let had = b.node().len();
@@ -293,7 +406,10 @@ async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
     assert!(had > 50, "b had only {had}");
     op.assert_no_double_owner();
     // Its membership entry is gone at once, not after the TTL.
-    let nodes = jetstream::new(op.client.clone()).get_key_value("otto_nodes").await.unwrap();
+    let nodes = jetstream::new(op.client.clone())
+        .get_key_value("otto_nodes")
+        .await
+        .unwrap();
     assert_eq!(nodes.get("b").await.unwrap(), None);
     a.stop().await;
     c.stop().await;
@@ -309,17 +425,24 @@ async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
     }
     let a = start_node(&server.url, "a", NodeConfig::default()).await;
     let b = start_node(&server.url, "b", NodeConfig::default()).await;
-    eventually(60, "40 running", || async { (op.running().len() == 40).then_some(()) }).await;
+    eventually(60, "40 running", || async {
+        (op.running().len() == 40).then_some(())
+    })
+    .await;
     for i in 0..10 {
         op.specs.delete(format!("d{i}")).await.unwrap();
     }
-    eventually(30, "deleted specs stopped and their state removed", || async {
-        let gone = (0..10).all(|i| {
-            let id = format!("d{i}");
-            !a.node().has_workload(&id) && !b.node().has_workload(&id)
-        });
-        (gone && op.view.lock().unwrap().len() == 30).then_some(())
-    })
+    eventually(
+        30,
+        "deleted specs stopped and their state removed",
+        || async {
+            let gone = (0..10).all(|i| {
+                let id = format!("d{i}");
+                !a.node().has_workload(&id) && !b.node().has_workload(&id)
+            });
+            (gone && op.view.lock().unwrap().len() == 30).then_some(())
+        },
+    )
     .await;
     assert_eq!(op.state.get("d3").await.unwrap(), None);
     op.add("d3", json!({"kind": "sim"})).await;
@@ -330,7 +453,14 @@ async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
     })
     .await;
     // A task reaches it again by subject.
-    let reply = op.client.request("otto.task.d3", Bytes::from_static(br#"{"command":"hello"}"#)).await.unwrap();
+    let reply = op
+        .client
+        .request(
+            "otto.task.d3",
+            Bytes::from_static(br#"{"command":"hello"}"#),
+        )
+        .await
+        .unwrap();
     let v: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(v["return"], "hello from d3");
     op.assert_no_double_owner();
@@ -344,8 +474,15 @@ async fn unusable_specs_from_storage_show_failed_with_the_reason() {
     let server = NatsServer::start();
     let op = Operator::connect(&server.url).await;
     op.add("x-kind", json!({"kind": "plc9000"})).await;
-    op.add("x-config", json!({"kind": "sim", "config": {"ping_fail_rate": 9}})).await;
-    op.specs.put("x-json", Bytes::from_static(b"{not json")).await.unwrap();
+    op.add(
+        "x-config",
+        json!({"kind": "sim", "config": {"ping_fail_rate": 9}}),
+    )
+    .await;
+    op.specs
+        .put("x-json", Bytes::from_static(b"{not json"))
+        .await
+        .unwrap();
     op.add("fine", json!({"kind": "sim"})).await;
     let node = start_node(&server.url, "n", NodeConfig::default()).await;
     let reasons = eventually(30, "three failed records", || async {
@@ -361,14 +498,26 @@ async fn unusable_specs_from_storage_show_failed_with_the_reason() {
         Some(out)
     })
     .await;
-    assert!(reasons["x-kind"].contains("unknown kind \"plc9000\""), "{reasons:?}");
-    assert!(reasons["x-config"].contains("ping_fail_rate"), "{reasons:?}");
+    assert!(
+        reasons["x-kind"].contains("unknown kind \"plc9000\""),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["x-config"].contains("ping_fail_rate"),
+        "{reasons:?}"
+    );
     assert!(reasons["x-json"].contains("not JSON"), "{reasons:?}");
-    eventually(30, "the good one runs", || async { op.running().contains_key("fine").then_some(()) }).await;
+    eventually(30, "the good one runs", || async {
+        op.running().contains_key("fine").then_some(())
+    })
+    .await;
     assert!(!node.node().has_workload("x-kind"));
     // Fixing the spec brings it up.
     op.add("x-kind", json!({"kind": "sim"})).await;
-    eventually(30, "fixed spec runs", || async { op.running().contains_key("x-kind").then_some(()) }).await;
+    eventually(30, "fixed spec runs", || async {
+        op.running().contains_key("x-kind").then_some(())
+    })
+    .await;
     node.stop().await;
 }
 
@@ -386,15 +535,31 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
         }
     }
     let s = Subjects::default();
-    for name in [s.task("ID"), s.fanout(), s.workloads_bucket(), s.nodes_bucket(), s.state_bucket()] {
-        let generic = name.replace("ID", "<workload-id>").replace("otto", "<prefix>");
+    for name in [
+        s.task("ID"),
+        s.fanout(),
+        s.workloads_bucket(),
+        s.nodes_bucket(),
+        s.state_bucket(),
+    ] {
+        let generic = name
+            .replace("ID", "<workload-id>")
+            .replace("otto", "<prefix>");
         if !doc.contains(&generic) {
             missing.push(generic);
         }
     }
     for code in [
-        "not_found", "busy", "deadline_exceeded", "unknown_command", "invalid_args",
-        "task_failed", "panicked", "unavailable", "malformed_request", "payload_too_large",
+        "not_found",
+        "busy",
+        "deadline_exceeded",
+        "unknown_command",
+        "invalid_args",
+        "task_failed",
+        "panicked",
+        "unavailable",
+        "malformed_request",
+        "payload_too_large",
     ] {
         let parsed: ottomato::ErrorCode = serde_json::from_value(json!(code)).unwrap();
         assert_eq!(parsed.as_str(), code);
@@ -403,8 +568,18 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
         }
     }
     for ev in [
-        "added", "initialized", "reachable", "unreachable", "dead", "deleted", "init_error",
-        "stop_error", "restarted", "failed", "claimed", "released",
+        "added",
+        "initialized",
+        "reachable",
+        "unreachable",
+        "dead",
+        "deleted",
+        "init_error",
+        "stop_error",
+        "restarted",
+        "failed",
+        "claimed",
+        "released",
     ] {
         if !doc.contains(&format!("`{ev}`")) {
             missing.push(ev.into());
@@ -413,10 +588,21 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
     if !doc.contains(ottomato::subjects::ENCODING_HEADER) {
         missing.push(ottomato::subjects::ENCODING_HEADER.into());
     }
-    for field in ["jobId", "workerId", "executionTime", "errorCode", "owner", "since", "results"] {
+    for field in [
+        "jobId",
+        "workerId",
+        "executionTime",
+        "errorCode",
+        "owner",
+        "since",
+        "results",
+    ] {
         if !doc.contains(field) {
             missing.push(field.into());
         }
     }
-    assert!(missing.is_empty(), "subjects.md does not document: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "subjects.md does not document: {missing:?}"
+    );
 }

@@ -16,7 +16,11 @@ use crate::wire::NodeInfo;
 /// (std's hasher is not), so nodes of different versions agree.
 fn stable_hash(node: &str, workload: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes().chain(std::iter::once(0xff)).chain(workload.bytes()) {
+    for b in node
+        .bytes()
+        .chain(std::iter::once(0xff))
+        .chain(workload.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use crate::subjects::ENCODING_HEADER;
 use crate::transport::{Message, RequestHandler};
-use crate::wire::{ErrorCode, FanoutDone, FanoutRequest, Task, TaskRequest, TaskResult};
+use crate::wire::{bin, ErrorCode, FanoutDone, FanoutRequest, Task, TaskRequest, TaskResult};
 
 use super::Shared;
 
@@ -28,20 +29,50 @@ impl RequestHandler for TaskServer {
         };
         let subject = subject.to_string();
         tokio::spawn(async move {
-            let result = answer(&shared, &subject, request).await;
-            let payload = match serde_json::to_vec(&result) {
-                Ok(p) => p,
-                // A Value tree from serde_json always serialises.
-                Err(_) => return,
+            let bincode = match request.header(ENCODING_HEADER) {
+                None | Some("json") => false,
+                Some(bin::BINCODE_V1) => true,
+                Some(other) => {
+                    let msg = format!(
+                        "unknown {ENCODING_HEADER} {other:?}; this node speaks json and {}",
+                        bin::BINCODE_V1
+                    );
+                    let r = shared.result(
+                        "",
+                        None,
+                        Task::default(),
+                        Err((ErrorCode::MalformedRequest, msg)),
+                        Duration::ZERO,
+                    );
+                    let _ = shared
+                        .transport
+                        .publish(
+                            &reply,
+                            Message::new(serde_json::to_vec(&r).unwrap_or_default()),
+                        )
+                        .await;
+                    return;
+                }
             };
-            if let Err(e) = shared.transport.publish(&reply, Message::new(payload)).await {
+            let result = answer(&shared, &subject, request, bincode).await;
+            let message = if bincode {
+                Message::new(bin::encode_result(&result))
+                    .with_header(ENCODING_HEADER, bin::BINCODE_V1)
+            } else {
+                match serde_json::to_vec(&result) {
+                    Ok(p) => Message::new(p),
+                    // A Value tree from serde_json always serialises.
+                    Err(_) => return,
+                }
+            };
+            if let Err(e) = shared.transport.publish(&reply, message).await {
                 tracing::warn!(%subject, error = %e, "could not send a task reply");
             }
         });
     }
 }
 
-async fn answer(shared: &Shared, subject: &str, request: Message) -> TaskResult {
+async fn answer(shared: &Shared, subject: &str, request: Message, bincode: bool) -> TaskResult {
     let id = shared.subjects.parse_task(subject).unwrap_or(subject);
     let refuse = |code: ErrorCode, msg: String| {
         shared.result(
@@ -62,7 +93,12 @@ async fn answer(shared: &Shared, subject: &str, request: Message) -> TaskResult 
             ),
         );
     }
-    let req: TaskRequest = match serde_json::from_slice(&request.payload) {
+    let decoded = if bincode {
+        bin::decode_request(&request.payload)
+    } else {
+        serde_json::from_slice::<TaskRequest>(&request.payload).map_err(|e| e.to_string())
+    };
+    let req: TaskRequest = match decoded {
         Ok(r) => r,
         Err(e) => {
             return refuse(
@@ -99,17 +135,28 @@ impl RequestHandler for FanoutServer {
                 let shared = shared.clone();
                 let reply = reply.clone();
                 async move {
-                    if let Err(e) = shared.transport.publish(&reply, Message::new(payload)).await {
+                    if let Err(e) = shared
+                        .transport
+                        .publish(&reply, Message::new(payload))
+                        .await
+                    {
                         tracing::warn!(error = %e, "could not send a fan-out reply");
                     }
                 }
             };
             let mut results = 0u64;
             let parsed = if request.payload.len() > shared.cfg.max_payload {
-                Err((ErrorCode::PayloadTooLarge, "fan-out request too large".to_string()))
+                Err((
+                    ErrorCode::PayloadTooLarge,
+                    "fan-out request too large".to_string(),
+                ))
             } else {
-                serde_json::from_slice::<FanoutRequest>(&request.payload)
-                    .map_err(|e| (ErrorCode::MalformedRequest, format!("not a fan-out request: {e}")))
+                serde_json::from_slice::<FanoutRequest>(&request.payload).map_err(|e| {
+                    (
+                        ErrorCode::MalformedRequest,
+                        format!("not a fan-out request: {e}"),
+                    )
+                })
             };
             match parsed {
                 Err(err) => {

@@ -91,7 +91,11 @@ impl NatsServer {
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    port = rest
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
                 }
                 if line.contains("Server is ready") {
                     let _ = tx.send(port);
@@ -144,7 +148,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
