@@ -445,7 +445,29 @@ async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
     )
     .await;
     assert_eq!(op.state.get("d3").await.unwrap(), None);
+    let mut events = op.client.subscribe("otto.events.d3.>").await.unwrap();
+    op.client.flush().await.unwrap();
     op.add("d3", json!({"kind": "sim"})).await;
+    // Lifecycle events on subjects: claimed, then added, initialized.
+    let mut seen = vec![];
+    while !seen.contains(&"initialized".to_string()) {
+        let m = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("events for d3")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["workload"], "d3");
+        assert!(v["node"] == "a" || v["node"] == "b", "{v}");
+        assert_eq!(
+            m.subject.as_str(),
+            format!("otto.events.d3.{}", v["event"].as_str().unwrap())
+        );
+        seen.push(v["event"].as_str().unwrap().to_string());
+    }
+    assert!(
+        seen.contains(&"claimed".to_string()) && seen.contains(&"added".to_string()),
+        "{seen:?}"
+    );
     eventually(30, "d3 back", || async {
         (op.running().contains_key("d3")
             && (a.node().has_workload("d3") ^ b.node().has_workload("d3")))

@@ -1,18 +1,25 @@
 //! The state writer: mirrors each workload's status into the state store
 //! (`<prefix>_state`, key = workload id), the record operators watch.
 //!
-//! The first write is a create-if-absent (the claim); every later write is a
-//! compare-and-set on the revision this node last wrote. Losing one means
-//! somebody else wrote the key: the node has lost the workload and fences it
-//! (stops its actor) before anything else. Writes coalesce: a slot queued
-//! twice is written once, with its latest status.
+//! The first write is a create-if-absent (the claim) unless the key was
+//! claimed beforehand (cluster mode adopts that revision); every later write
+//! is a compare-and-set on the revision this node last wrote. Losing one
+//! means somebody else wrote the key: the node has lost the workload and
+//! fences it (stops its actor) and never writes the key again.
+//!
+//! Writes are pipelined: up to [`MAX_IN_FLIGHT`] keys are written at once,
+//! while operations on one key run strictly in order, one at a time. Writes
+//! coalesce: a slot queued while dirty is written once, with its latest status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
 
 use super::slot::Slot;
 use super::Shared;
@@ -20,94 +27,196 @@ use crate::store::{KvBucket, StoreError};
 use crate::wire::StateRecord;
 use crate::NodeError;
 
+/// Keys written at the same time.
+const MAX_IN_FLIGHT: usize = 256;
+
 pub(crate) enum WriteCmd {
     /// The key was claimed outside the writer at this revision: CAS from it.
     Adopt(Arc<str>, u64),
     Upsert(Arc<Slot>),
     Remove(Arc<str>),
     /// Answer once everything queued before it is written.
-    Flush(tokio::sync::oneshot::Sender<()>),
+    Flush(oneshot::Sender<()>),
+}
+
+enum Op {
+    Adopt(u64),
+    Upsert(Arc<Slot>),
+    Remove,
+}
+
+enum Done {
+    Wrote(Result<u64, StoreError>, Arc<Slot>),
+    Removed(Result<(), StoreError>),
+}
+
+struct Writer {
+    shared: Weak<Shared>,
+    bucket: Arc<dyn KvBucket>,
+    node_id: Arc<str>,
+    revisions: HashMap<Arc<str>, u64>,
+    queues: HashMap<Arc<str>, VecDeque<Op>>,
+    busy: HashSet<Arc<str>>,
+    in_flight: FuturesUnordered<BoxFuture<'static, (Arc<str>, Done)>>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Writer {
+    fn enqueue(&mut self, id: Arc<str>, op: Op) {
+        self.queues.entry(id.clone()).or_default().push_back(op);
+        if !self.busy.contains(&id) {
+            self.pump(id);
+        }
+    }
+
+    /// Runs queued operations of `id` until one needs I/O.
+    fn pump(&mut self, id: Arc<str>) {
+        while let Some(op) = self.queues.get_mut(&id).and_then(VecDeque::pop_front) {
+            match op {
+                Op::Adopt(rev) => {
+                    self.revisions.insert(id.clone(), rev);
+                }
+                Op::Upsert(slot) => {
+                    slot.dirty.store(false, Ordering::Release);
+                    let Some(value) = self.record(&slot) else {
+                        continue;
+                    };
+                    let bucket = self.bucket.clone();
+                    let rev = self.revisions.get(&id).copied();
+                    let key = id.clone();
+                    self.in_flight.push(
+                        async move {
+                            let r = match rev {
+                                None => bucket.create(&key, value).await,
+                                Some(rev) => bucket.update(&key, value, rev).await,
+                            };
+                            (key, Done::Wrote(r, slot))
+                        }
+                        .boxed(),
+                    );
+                    self.busy.insert(id);
+                    return;
+                }
+                Op::Remove => {
+                    let Some(rev) = self.revisions.remove(&id) else {
+                        continue;
+                    };
+                    let bucket = self.bucket.clone();
+                    let key = id.clone();
+                    self.in_flight.push(
+                        async move {
+                            let r = bucket.delete(&key, Some(rev)).await;
+                            (key, Done::Removed(r))
+                        }
+                        .boxed(),
+                    );
+                    self.busy.insert(id);
+                    return;
+                }
+            }
+        }
+        self.queues.remove(&id);
+    }
+
+    /// The JSON to write for `slot`, or `None` if it must not be written.
+    fn record(&self, slot: &Arc<Slot>) -> Option<Bytes> {
+        let shared = self.shared.upgrade()?;
+        if !shared.holds(slot) {
+            return None; // removed since it was queued
+        }
+        let g = slot.lock();
+        if g.fenced.is_some() {
+            return None;
+        }
+        let rec = StateRecord {
+            owner: self.node_id.to_string(),
+            kind: slot.spec.kind.clone(),
+            status: g.status,
+            since: g.since,
+            reason: g.reason.as_deref().map(str::to_string),
+            restarts: g.restarts,
+        };
+        // Plain strings and numbers always serialise.
+        serde_json::to_vec(&rec).ok().map(Bytes::from)
+    }
+
+    fn done(&mut self, id: Arc<str>, done: Done) {
+        self.busy.remove(&id);
+        let shared = self.shared.upgrade();
+        match done {
+            Done::Wrote(Ok(rev), _) => {
+                self.revisions.insert(id.clone(), rev);
+            }
+            Done::Wrote(Err(e), slot) => {
+                self.revisions.remove(&id);
+                if let Some(shared) = &shared {
+                    match e {
+                        StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {
+                            shared.fence(
+                                &slot,
+                                format!("claim lost: state key was written by someone else ({e})"),
+                            )
+                        }
+                        StoreError::Backend(m) => shared.report_error(NodeError::Backend(format!(
+                            "writing state of {id}: {m}"
+                        ))),
+                    }
+                }
+            }
+            Done::Removed(Ok(())) => {}
+            Done::Removed(Err(e)) => {
+                if let Some(shared) = &shared {
+                    shared.report_error(NodeError::Backend(format!("deleting state of {id}: {e}")));
+                }
+            }
+        }
+        self.pump(id);
+    }
+
+    fn answer_flushes(&mut self) {
+        if self.in_flight.is_empty() && self.queues.is_empty() {
+            for f in self.flushes.drain(..) {
+                let _ = f.send(());
+            }
+        }
+    }
 }
 
 pub(crate) fn spawn(
-    shared: std::sync::Weak<Shared>,
+    shared: Weak<Shared>,
     bucket: Arc<dyn KvBucket>,
     node_id: Arc<str>,
 ) -> mpsc::UnboundedSender<WriteCmd> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut w = Writer {
+        shared,
+        bucket,
+        node_id,
+        revisions: HashMap::new(),
+        queues: HashMap::new(),
+        busy: HashSet::new(),
+        in_flight: FuturesUnordered::new(),
+        flushes: Vec::new(),
+    };
     tokio::spawn(async move {
-        let mut revisions: HashMap<Arc<str>, u64> = HashMap::new();
-        while let Some(cmd) = rx.recv().await {
-            match cmd {
-                WriteCmd::Upsert(slot) => {
-                    slot.dirty.store(false, Ordering::Release);
-                    let Some(shared) = shared.upgrade() else {
+        loop {
+            tokio::select! {
+                cmd = rx.recv(), if w.in_flight.len() < MAX_IN_FLIGHT => match cmd {
+                    Some(WriteCmd::Adopt(id, rev)) => w.enqueue(id, Op::Adopt(rev)),
+                    Some(WriteCmd::Upsert(slot)) => w.enqueue(slot.id.clone(), Op::Upsert(slot)),
+                    Some(WriteCmd::Remove(id)) => w.enqueue(id, Op::Remove),
+                    Some(WriteCmd::Flush(done)) => w.flushes.push(done),
+                    None => {
+                        // Node gone: finish what is in flight, then stop.
+                        while let Some((id, d)) = w.in_flight.next().await {
+                            w.done(id, d);
+                        }
                         return;
-                    };
-                    if !shared.holds(&slot) {
-                        continue; // removed since it was queued
                     }
-                    let value = {
-                        let g = slot.lock();
-                        if g.deleting && g.fenced.is_some() {
-                            continue;
-                        }
-                        let rec = StateRecord {
-                            owner: node_id.to_string(),
-                            kind: slot.spec.kind.clone(),
-                            status: g.status,
-                            since: g.since,
-                            reason: g.reason.as_deref().map(str::to_string),
-                            restarts: g.restarts,
-                        };
-                        match serde_json::to_vec(&rec) {
-                            Ok(v) => Bytes::from(v),
-                            Err(_) => continue, // plain strings and numbers always serialise
-                        }
-                    };
-                    let written = match revisions.get(&slot.id) {
-                        None => bucket.create(&slot.id, value).await,
-                        Some(rev) => bucket.update(&slot.id, value, *rev).await,
-                    };
-                    match written {
-                        Ok(rev) => {
-                            revisions.insert(slot.id.clone(), rev);
-                        }
-                        Err(e) => {
-                            revisions.remove(&slot.id);
-                            match e {
-                                StoreError::AlreadyExists { .. }
-                                | StoreError::RevisionMismatch { .. } => shared.fence(
-                                    &slot,
-                                    format!(
-                                        "claim lost: state key was written by someone else ({e})"
-                                    ),
-                                ),
-                                StoreError::Backend(m) => shared.report_error(NodeError::Backend(
-                                    format!("writing state of {}: {m}", slot.id),
-                                )),
-                            }
-                        }
-                    }
-                }
-                WriteCmd::Adopt(id, rev) => {
-                    revisions.insert(id, rev);
-                }
-                WriteCmd::Remove(id) => {
-                    if let Some(rev) = revisions.remove(&id) {
-                        if let Err(e) = bucket.delete(&id, Some(rev)).await {
-                            if let Some(shared) = shared.upgrade() {
-                                shared.report_error(NodeError::Backend(format!(
-                                    "deleting state of {id}: {e}"
-                                )));
-                            }
-                        }
-                    }
-                }
-                WriteCmd::Flush(done) => {
-                    let _ = done.send(());
-                }
+                },
+                Some((id, d)) = w.in_flight.next(), if !w.in_flight.is_empty() => w.done(id, d),
             }
+            w.answer_flushes();
         }
     });
     tx
