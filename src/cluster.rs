@@ -69,6 +69,12 @@ pub struct ClusterConfig {
     pub max_handoffs: usize,
     /// Shortest time between two full reconciliations.
     pub reconcile_min_interval: Duration,
+    /// A workload left unclaimed (or with a gone owner) this long may be
+    /// claimed by any eligible node, whatever placement says.
+    pub unclaimed_grace: Duration,
+    /// After joining, wait this long (seeing who else is joining) before the
+    /// first claims, so nodes started together don't all grab everything.
+    pub join_settle: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -84,13 +90,24 @@ impl Default for ClusterConfig {
             claim_concurrency: 256,
             max_handoffs: 64,
             reconcile_min_interval: Duration::from_millis(50),
+            unclaimed_grace: Duration::from_secs(15),
+            join_settle: Duration::from_millis(1500),
         }
     }
 }
 
 impl ClusterConfig {
+    /// How much earlier than the server's expiry of our entry we stop
+    /// touching devices: the lease is `heartbeat sent + TTL - margin`.
+    pub fn lease_margin(&self) -> Duration {
+        self.heartbeat.max(self.node_ttl / 5)
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), String> {
+        if self.lease_margin() >= self.node_ttl {
+            return Err("node TTL too short for a lease".into());
+        }
         if self.heartbeat.is_zero() || self.node_ttl < self.heartbeat * 2 {
             return Err(format!(
                 "node TTL ({:?}) must be at least twice the heartbeat ({:?})",
@@ -118,6 +135,8 @@ pub struct Cluster {
     coordinator: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
     nodes: Arc<dyn KvBucket>,
+    info: Arc<std::sync::Mutex<NodeInfo>>,
+    kick: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -147,18 +166,13 @@ impl Cluster {
             .start()
             .await?;
         let subjects = node.subjects().clone();
-        let workloads = store
-            .bucket(&subjects.workloads_bucket_spec(cfg.replicas))
-            .await
-            .map_err(backend)?;
-        let nodes = store
-            .bucket(&subjects.nodes_bucket_spec(cfg.node_ttl, cfg.replicas))
-            .await
-            .map_err(backend)?;
-        let state = store
-            .bucket(&subjects.state_bucket_spec_with(cfg.replicas))
-            .await
-            .map_err(backend)?;
+        let workloads = open_bucket(&*store, &subjects.workloads_bucket_spec(cfg.replicas)).await?;
+        let nodes = open_bucket(
+            &*store,
+            &subjects.nodes_bucket_spec(cfg.node_ttl, cfg.replicas),
+        )
+        .await?;
+        let state = open_bucket(&*store, &subjects.state_bucket_spec_with(cfg.replicas)).await?;
         let me = node.id().to_string();
         let info = NodeInfo {
             id: me.clone(),
@@ -169,14 +183,20 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started: SystemTime::now(),
             load: 0,
+            draining: false,
         };
         // Register before claiming anything: others must see us alive first.
+        let sent = Instant::now();
         nodes.put(&me, json_bytes(&info)).await.map_err(backend)?;
+        node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin());
+        let shared_info = Arc::new(std::sync::Mutex::new(info.clone()));
+        let kick = Arc::new(tokio::sync::Notify::new());
         let heartbeat = tokio::spawn(heartbeat_loop(
             node.clone(),
             nodes.clone(),
-            info.clone(),
-            cfg.heartbeat,
+            shared_info.clone(),
+            kick.clone(),
+            cfg.clone(),
         ));
         let (stop, stop_rx) = watch::channel(false);
         let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -194,6 +214,11 @@ impl Cluster {
             live,
             specs: HashMap::new(),
             claims: HashMap::new(),
+            assignment: placement::Assignment::new(),
+            view_gen: 1,
+            assignment_gen: 0,
+            unclaimed_since: HashMap::new(),
+            joined: Instant::now(),
             synced: [false; 3],
             pending: HashSet::new(),
             releasing: HashSet::new(),
@@ -209,6 +234,8 @@ impl Cluster {
             coordinator,
             heartbeat,
             nodes,
+            info: shared_info,
+            kick,
         })
     }
 
@@ -230,6 +257,27 @@ impl Cluster {
         tracing::info!(node = self.node.id(), "left cluster");
     }
 
+    /// Drains, then leaves: marks the node draining so placement moves every
+    /// workload elsewhere (at most `max_handoffs` at a time, each new owner
+    /// claiming as soon as its key is released), waits until none is left or
+    /// `timeout` passes, then stops cleanly.
+    pub async fn drain(self, timeout: Duration) {
+        if let Ok(mut i) = self.info.lock() {
+            i.draining = true;
+        }
+        self.kick.notify_one();
+        tracing::info!(
+            node = self.node.id(),
+            workloads = self.node.len(),
+            "draining"
+        );
+        let deadline = Instant::now() + timeout;
+        while !self.node.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop().await;
+    }
+
     /// Simulates a crash (for tests): stops heartbeats and coordination and
     /// abandons every actor without releasing anything.
     #[doc(hidden)]
@@ -244,14 +292,64 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-async fn heartbeat_loop(node: Node, nodes: Arc<dyn KvBucket>, mut info: NodeInfo, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Opens a bucket, retrying while the backend is not ready (a NATS cluster
+/// still electing its JetStream leader answers "no suitable peers" for a while).
+async fn open_bucket(
+    store: &dyn StateStore,
+    spec: &crate::store::BucketSpec,
+) -> Result<Arc<dyn KvBucket>, NodeError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.bucket(spec).await {
+            Ok(b) => return Ok(b),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(bucket = %spec.name, error = %e, "bucket not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
+/// Re-puts the membership entry every heartbeat and keeps the lease: the
+/// node may touch devices only until `heartbeat sent + TTL - margin` of the
+/// last acknowledged put. When the lease has run out (the process was frozen,
+/// or NATS unreachable), every workload is fenced before anything else.
+async fn heartbeat_loop(
+    node: Node,
+    nodes: Arc<dyn KvBucket>,
+    info: Arc<std::sync::Mutex<NodeInfo>>,
+    kick: Arc<tokio::sync::Notify>,
+    cfg: ClusterConfig,
+) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        info.load = node.len() as u64;
-        if let Err(e) = nodes.put(&info.id, json_bytes(&info)).await {
-            tracing::warn!(error = %e, "heartbeat failed");
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = kick.notified() => {}
+        }
+        if !node.lease_valid() && !node.is_empty() {
+            tracing::error!(
+                workloads = node.len(),
+                "lease expired (paused or cut off longer than the TTL allows): fencing every workload"
+            );
+            for id in node.workload_ids() {
+                node.fence_workload(&id, "claim lost: node lease expired".into());
+            }
+        }
+        let value = match info.lock() {
+            Ok(mut i) => {
+                i.load = node.len() as u64;
+                json_bytes(&*i)
+            }
+            Err(_) => continue,
+        };
+        let sent = Instant::now();
+        match tokio::time::timeout(cfg.node_ttl, nodes.put(node.id(), value)).await {
+            Ok(Ok(_)) => node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(_) => tracing::warn!("heartbeat timed out"),
         }
     }
 }
@@ -305,6 +403,8 @@ enum ClaimKind {
     Create,
     /// CAS from this revision (our own stale claim, or a gone owner's).
     Replace(u64),
+    /// Create an ownerless `unplaceable` record with this reason.
+    Unplaceable(String),
 }
 
 struct ClaimResult {
@@ -312,6 +412,8 @@ struct ClaimResult {
     spec_revision: u64,
     /// `Err(reason)`: the spec is unusable and the claim records `failed`.
     failed: Option<String>,
+    /// The record written was an ownerless `unplaceable` one.
+    unplaceable: bool,
     result: Result<u64, StoreError>,
 }
 
@@ -328,6 +430,14 @@ struct Coordinator {
     live: BTreeMap<String, NodeInfo>,
     specs: HashMap<String, SpecEntry>,
     claims: HashMap<String, Claim>,
+    /// Where placement puts each workload, for view `assignment_gen`.
+    assignment: placement::Assignment,
+    /// Bumped whenever an input of placement changes.
+    view_gen: u64,
+    assignment_gen: u64,
+    /// Since when each workload has had no claim by a live node.
+    unclaimed_since: HashMap<String, Instant>,
+    joined: Instant,
     /// Specs, nodes, state: each watch has replayed its bucket.
     synced: [bool; 3],
     /// Claims in flight.
@@ -418,9 +528,11 @@ impl Coordinator {
                         spec,
                     },
                 );
+                self.view_gen += 1;
             }
             Input::Spec(KvChange::Delete { key, .. }) => {
                 self.specs.remove(&key);
+                self.view_gen += 1;
             }
             Input::Node(KvChange::Put(e)) => {
                 let info = serde_json::from_slice::<NodeInfo>(&e.value).unwrap_or_else(|_| {
@@ -434,8 +546,16 @@ impl Coordinator {
                         version: "?".into(),
                         started: SystemTime::UNIX_EPOCH,
                         load: 0,
+                        draining: false,
                     }
                 });
+                let changed = self
+                    .live
+                    .get(&e.key)
+                    .is_none_or(|old| old.placement_key() != info.placement_key());
+                if changed {
+                    self.view_gen += 1;
+                }
                 self.live.insert(e.key, info);
             }
             Input::Node(KvChange::Delete { key, .. }) => {
@@ -447,6 +567,7 @@ impl Coordinator {
                 } else {
                     tracing::info!(node = %key, "node left");
                     self.live.remove(&key);
+                    self.view_gen += 1;
                 }
             }
             Input::State(KvChange::Put(e)) => {
@@ -498,11 +619,25 @@ impl Coordinator {
     }
 
     fn reconcile(&mut self) {
+        if !self.node.lease_valid() {
+            return; // no claims and no moves until our lease is back
+        }
+        if self.assignment_gen != self.view_gen {
+            let none = crate::spec::Placement::default();
+            self.assignment = placement::assign(
+                &self.live,
+                self.specs
+                    .iter()
+                    .map(|(id, e)| (id.as_str(), e.spec.as_ref().map_or(&none, |s| &s.placement))),
+            );
+            self.assignment_gen = self.view_gen;
+        }
         tracing::debug!(
             specs = self.specs.len(),
             live = self.live.len(),
             claims = self.claims.len(),
             pending = self.pending.len(),
+            releasing = self.releasing.len(),
             "reconcile"
         );
         let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
@@ -513,27 +648,44 @@ impl Coordinator {
                 continue;
             }
             let why = match self.specs.get(id) {
-                None => Some("spec deleted"),
+                None => Some("spec deleted".to_string()),
                 Some(s) if self.running_rev.get(id).is_some_and(|r| *r != s.revision) => {
-                    Some("spec changed")
+                    Some("spec changed".to_string())
                 }
-                Some(_) => match placement::owner(&self.live, id) {
-                    Some(o) if o != self.me && handoffs < self.cfg.max_handoffs => {
+                Some(_) => match self.assignment.get(id) {
+                    Some(Ok(o)) if *o != self.me && handoffs < self.cfg.max_handoffs => {
                         handoffs += 1;
-                        Some("placement moved it")
+                        Some(format!("placement moved it to {o}"))
+                    }
+                    Some(Err(reason)) if handoffs < self.cfg.max_handoffs => {
+                        handoffs += 1;
+                        Some(format!("cannot run here: {reason}"))
                     }
                     _ => None,
                 },
             };
             if let Some(why) = why {
-                tracing::info!(workload = %id, reason = why, "releasing");
+                tracing::info!(workload = %id, reason = %why, "releasing");
                 if self.node.delete_workload(id).is_ok() {
                     self.releasing.insert(id.clone());
                     self.running_rev.remove(id);
-                    self.publish_cluster_event(id, "released", why);
+                    self.publish_cluster_event(id, "released", &why);
                 }
             }
         }
+        let settled = self.joined.elapsed() >= self.cfg.join_settle;
+        let me_info = self.live.get(&self.me).cloned();
+        let my_room = me_info
+            .as_ref()
+            .and_then(|i| i.capacity)
+            .map_or(usize::MAX, |c| c as usize)
+            .saturating_sub(local.len() + self.pending.len());
+        let bookkeeper = self
+            .live
+            .iter()
+            .find(|(_, n)| !n.draining)
+            .is_some_and(|(id, _)| *id == self.me);
+        let now = Instant::now();
         // Specs: claim what placement gives us.
         let mut to_claim = Vec::new();
         let mut to_release = Vec::new();
@@ -548,17 +700,49 @@ impl Coordinator {
             if self.pending.contains(id) || local.contains(id) || self.releasing.contains(id) {
                 continue;
             }
-            let desired = placement::owner(&self.live, id);
-            let mine = desired == Some(self.me.as_str());
-            let kind = match self.claims.get(id) {
-                None if mine => {
-                    if self.failed_rev.get(id) == Some(&entry.revision) {
+            let target = self.assignment.get(id);
+            let mine = matches!(target, Some(Ok(o)) if *o == self.me);
+            let claim = self.claims.get(id);
+            let orphan = claim.is_none_or(|c| !self.live.contains_key(&c.owner));
+            let orphan_for = if orphan {
+                now - *self.unclaimed_since.entry(id.clone()).or_insert(now)
+            } else {
+                self.unclaimed_since.remove(id);
+                Duration::ZERO
+            };
+            // Any eligible node may take a workload nobody has held for long.
+            let grace = orphan_for >= self.cfg.unclaimed_grace
+                && my_room > to_claim.len()
+                && me_info.as_ref().is_some_and(|i| {
+                    placement::eligible(
+                        i,
+                        entry
+                            .spec
+                            .as_ref()
+                            .map_or(&Default::default(), |s| &s.placement),
+                    )
+                });
+            let already_failed = self.failed_rev.get(id) == Some(&entry.revision);
+            let kind = match claim {
+                None if (mine && settled) || grace => {
+                    if already_failed {
                         continue;
                     }
                     ClaimKind::Create
                 }
+                None => {
+                    if let (Some(Err(reason)), true) = (target, bookkeeper && settled) {
+                        to_claim.push((
+                            id.clone(),
+                            entry.revision,
+                            ClaimKind::Unplaceable(reason.clone()),
+                            entry.spec.clone(),
+                        ));
+                    }
+                    continue;
+                }
                 Some(c) if c.owner == self.me => {
-                    if self.failed_rev.get(id) == Some(&entry.revision) {
+                    if already_failed {
                         continue; // our `failed` record stands until the spec changes
                     }
                     if mine {
@@ -569,7 +753,10 @@ impl Coordinator {
                         continue;
                     }
                 }
-                Some(c) if mine && !self.live.contains_key(&c.owner) => {
+                Some(c) if orphan && ((mine && settled) || grace) => {
+                    if already_failed && c.owner.is_empty() {
+                        continue;
+                    }
                     ClaimKind::Replace(c.revision)
                 }
                 _ => continue,
@@ -583,12 +770,13 @@ impl Coordinator {
             self.pending.insert(id.clone());
             self.spawn_claim(id, spec_rev, kind, spec);
         }
-        // Our claims with no spec and no local workload: garbage.
+        // Claims with no spec and no local workload: ours, or unplaceable
+        // records (the bookkeeper's job), are garbage.
         let stale: Vec<(String, u64)> = self
             .claims
             .iter()
             .filter(|(id, c)| {
-                c.owner == self.me
+                (c.owner == self.me || (c.owner.is_empty() && bookkeeper))
                     && !self.specs.contains_key(*id)
                     && !local.contains(*id)
                     && !self.pending.contains(*id)
@@ -599,6 +787,8 @@ impl Coordinator {
         for (id, rev) in stale {
             self.spawn_release_key(id, rev);
         }
+        self.unclaimed_since
+            .retain(|id, _| self.specs.contains_key(id));
     }
 
     fn spawn_release_key(&mut self, id: String, revision: u64) {
@@ -619,16 +809,26 @@ impl Coordinator {
         spec: Result<WorkloadSpec, String>,
     ) {
         let failed = spec.as_ref().err().cloned();
+        let unplaceable = match &kind {
+            ClaimKind::Unplaceable(reason) => Some(reason.clone()),
+            _ => None,
+        };
         let record = StateRecord {
-            owner: self.me.clone(),
+            owner: if unplaceable.is_some() {
+                String::new()
+            } else {
+                self.me.clone()
+            },
             kind: spec.map(|s| s.kind).unwrap_or_default(),
-            status: if failed.is_some() {
+            status: if unplaceable.is_some() {
+                Status::Unplaceable
+            } else if failed.is_some() {
                 Status::Failed
             } else {
                 Status::Initializing
             },
             since: SystemTime::now(),
-            reason: failed.clone(),
+            reason: unplaceable.clone().or_else(|| failed.clone()),
             restarts: 0,
         };
         let value = json_bytes(&record);
@@ -636,13 +836,14 @@ impl Coordinator {
         let tx = self.results_tx.clone();
         tokio::spawn(async move {
             let result = match kind {
-                ClaimKind::Create => state.create(&id, value).await,
+                ClaimKind::Create | ClaimKind::Unplaceable(_) => state.create(&id, value).await,
                 ClaimKind::Replace(rev) => state.update(&id, value, rev).await,
             };
             let _ = tx.send(ClaimResult {
                 id,
                 spec_revision,
                 failed,
+                unplaceable: unplaceable.is_some(),
                 result,
             });
         });
@@ -658,6 +859,16 @@ impl Coordinator {
             }
             Err(_) => return, // somebody else was faster: the watch tells us who
         };
+        if r.unplaceable {
+            self.claims.insert(
+                r.id,
+                Claim {
+                    owner: String::new(),
+                    revision,
+                },
+            );
+            return;
+        }
         self.claims.insert(
             r.id.clone(),
             Claim {
@@ -665,6 +876,11 @@ impl Coordinator {
                 revision,
             },
         );
+        if !self.node.lease_valid() {
+            // Won the key but may not touch devices now: give it back.
+            self.spawn_release_key(r.id, revision);
+            return;
+        }
         if r.failed.is_some() {
             self.failed_rev.insert(r.id, r.spec_revision);
             return;

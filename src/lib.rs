@@ -37,6 +37,6 @@ pub use node::{Node, NodeBuilder};
 pub use ottomato_actors::{
     self as actors, ConfigError, Kind, Task, TaskError, Workload, WorkloadError,
 };
-pub use spec::WorkloadSpec;
+pub use spec::{Placement, WorkloadSpec};
 pub use status::{ScheduledJob, Status, WorkloadInfo};
 pub use wire::{ErrorCode, TaskResult};

@@ -13,7 +13,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +69,11 @@ pub(crate) struct Shared {
     fanout: OnceLock<Arc<dyn RequestHandler>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     shutting_down: AtomicBool,
+    /// Start of the node's monotonic clock, for the lease.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which this node may do device work;
+    /// `u64::MAX` when no lease applies (embedded mode).
+    lease_until: AtomicU64,
 }
 
 impl Shared {
@@ -85,6 +90,12 @@ impl Shared {
 
     fn slot(&self, id: &str) -> Option<Arc<Slot>> {
         self.registry().get(id).cloned()
+    }
+
+    /// Whether this node may do device work now (an atomic read, no I/O).
+    pub(crate) fn lease_valid(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == u64::MAX || (Instant::now() - self.epoch).as_nanos() < u128::from(until)
     }
 
     /// Whether `slot` is still the node's record for its id.
@@ -379,6 +390,21 @@ impl Node {
         revision: u64,
     ) -> Result<(), NodeError> {
         self.add_workload_inner(spec, Some(revision)).await
+    }
+
+    /// Lets the node do device work until `until` (cluster mode: the last
+    /// acknowledged heartbeat plus the TTL, minus a margin).
+    pub(crate) fn renew_lease(&self, until: Instant) {
+        let ns = until
+            .saturating_duration_since(self.shared.epoch)
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.shared.lease_until.store(ns, Ordering::Release);
+    }
+
+    /// Whether the node may do device work now.
+    pub fn lease_valid(&self) -> bool {
+        self.shared.lease_valid()
     }
 
     /// Ids of every workload on the node.
@@ -716,6 +742,8 @@ impl NodeBuilder {
             fanout: OnceLock::new(),
             supervisor: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
+            epoch: Instant::now(),
+            lease_until: AtomicU64::new(u64::MAX),
         });
         let _ = shared.writer.set(state_writer::spawn(
             Arc::downgrade(&shared),

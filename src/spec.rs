@@ -24,6 +24,31 @@ pub struct WorkloadSpec {
     /// Tasks that may wait on this workload (node default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<u32>,
+    /// Where it may run (cluster mode).
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+}
+
+/// Placement constraints of a workload, matched against node info.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    /// Run only on nodes of this zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Prefer nodes of this zone when any is eligible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_zone: Option<String>,
+    /// Run only on nodes that have all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+impl Placement {
+    /// No constraint at all.
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none() && self.prefer_zone.is_none() && self.node_selector.is_empty()
+    }
 }
 
 impl WorkloadSpec {
@@ -36,12 +61,19 @@ impl WorkloadSpec {
             labels: BTreeMap::new(),
             concurrency: None,
             queue: None,
+            placement: Placement::default(),
         }
     }
 
     /// Sets the kind config (builder style).
     pub fn with_config(mut self, config: Value) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Requires a zone (builder style).
+    pub fn in_zone(mut self, zone: impl Into<String>) -> Self {
+        self.placement.zone = Some(zone.into());
         self
     }
 

@@ -22,11 +22,13 @@ pub enum Status {
     Failed,
     /// Being deleted.
     Stopping,
+    /// No live node may run it (cluster mode); the reason says why.
+    Unplaceable,
 }
 
 impl Status {
     /// Every status, in display order.
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Initializing,
         Status::Running,
         Status::Unreachable,
@@ -34,6 +36,7 @@ impl Status {
         Status::Restarting,
         Status::Failed,
         Status::Stopping,
+        Status::Unplaceable,
     ];
 
     /// The wire name (`"running"`).
@@ -46,6 +49,7 @@ impl Status {
             Status::Restarting => "restarting",
             Status::Failed => "failed",
             Status::Stopping => "stopping",
+            Status::Unplaceable => "unplaceable",
         }
     }
 }

@@ -276,6 +276,30 @@ pub struct NodeInfo {
     pub started: SystemTime,
     /// Workloads it runs now.
     pub load: u64,
+    /// Handing its workloads over before leaving: placement skips it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+impl NodeInfo {
+    /// The fields placement depends on (not load or start time).
+    pub fn placement_key(
+        &self,
+    ) -> (
+        Option<&str>,
+        &BTreeMap<String, String>,
+        Option<u32>,
+        u64,
+        bool,
+    ) {
+        (
+            self.zone.as_deref(),
+            &self.labels,
+            self.capacity,
+            self.weight.to_bits(),
+            self.draining,
+        )
+    }
 }
 
 fn one() -> f64 {

@@ -28,6 +28,9 @@ use crate::wire::ErrorCode;
 
 /// What a task came to: the task back (so the caller needn't clone it), the
 /// return value or an error code and message, and how long the device took.
+const LEASE_LOST: &str =
+    "node lease expired (paused or cut off from the cluster): not touching the device";
+
 pub(crate) struct TaskOutcome {
     pub(crate) task: Task,
     pub(crate) result: Result<Value, (ErrorCode, String)>,
@@ -134,6 +137,12 @@ impl WorkloadState {
     }
 
     fn start_tasks(&mut self, myself: &ActorRef<WorkloadMsg>) {
+        if !self.shared.lease_valid() {
+            // Paused or cut off past the lease: another node may own this
+            // workload now. No device work until the node sorts it out.
+            self.drain_queue(ErrorCode::Unavailable, LEASE_LOST);
+            return;
+        }
         while self.running < self.concurrency() {
             let Some(q) = self.queue.pop_front() else {
                 return;
@@ -182,6 +191,10 @@ impl WorkloadState {
     }
 
     fn start_init(&mut self, myself: &ActorRef<WorkloadMsg>) {
+        if !self.shared.lease_valid() {
+            myself.send_after(Duration::from_millis(500), || WorkloadMsg::Init);
+            return;
+        }
         self.init_attempts += 1;
         let device = self.device.clone();
         let myself = myself.clone();
@@ -245,7 +258,7 @@ impl WorkloadState {
     }
 
     fn start_ping(&mut self, myself: &ActorRef<WorkloadMsg>) {
-        if self.phase != Phase::Ready || self.ping_in_flight {
+        if self.phase != Phase::Ready || self.ping_in_flight || !self.shared.lease_valid() {
             return;
         }
         self.ping_in_flight = true;
