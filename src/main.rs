@@ -92,6 +92,18 @@ struct NodeArgs {
     /// Membership TTL: a node silent this long is gone, e.g. 5s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Shortest interval between two pings of a workload.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    ping_splay_min: Duration,
+    /// Longest interval between two pings of a workload.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ping_splay_max: Duration,
+    /// Workloads handed over at once when rebalancing or draining.
+    #[arg(long, default_value_t = 64)]
+    max_handoffs: usize,
+    /// On SIGINT/SIGTERM, how long to drain before leaving anyway.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -127,7 +139,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     Subjects::validate_prefix(&args.prefix).map_err(anyhow::Error::msg)?;
     let mut builder = Node::builder()
         .kind(ottomato::actors::sim::SimKind)
-        .prefix(&args.prefix);
+        .prefix(&args.prefix)
+        .ping_splay(args.ping_splay_min, args.ping_splay_max);
     if let Some(id) = &args.node_id {
         builder = builder.node_id(id);
     }
@@ -142,6 +155,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         labels: args.labels.into_iter().collect(),
         capacity: args.capacity,
         replicas: args.replicas,
+        max_handoffs: args.max_handoffs,
         ..Default::default()
     };
     let cluster = Cluster::start(
@@ -157,8 +171,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         args.server
     );
     shutdown_signal().await;
-    println!("leaving: releasing {} workloads", cluster.node().len());
-    cluster.stop().await;
+    println!("draining: handing over {} workloads", cluster.node().len());
+    cluster.drain(args.drain_timeout).await;
     println!("left cleanly");
     Ok(())
 }
@@ -184,8 +198,15 @@ async fn ctrl_c() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        // One line, for operators; details are in the log at debug level.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let default_level = if matches!(cli.command, Command::Node(_)) {
         "info"
     } else {

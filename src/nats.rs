@@ -27,12 +27,39 @@ const WATCH_SYNC_GRACE: Duration = Duration::from_secs(2);
 
 /// Connects to NATS: `urls` is one or more comma-separated server URLs.
 pub async fn connect(urls: &str, name: &str) -> Result<async_nats::Client, String> {
+    let servers = parse_servers(urls)?;
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .connect(urls)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS connection event"),
+            }
+        })
+        .connect(servers)
         .await
         .map_err(|e| format!("cannot connect to NATS at {urls}: {e}"))
+}
+
+/// Parses `nats://a:4222,nats://b:4222` (the nats CLI's `-s` convention).
+pub fn parse_servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse()
+                .map_err(|e| format!("invalid NATS server URL {u:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err("no NATS server URL given".into());
+    }
+    Ok(servers)
 }
 
 /// JetStream KV buckets as a [`StateStore`].

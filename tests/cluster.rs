@@ -5,19 +5,18 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 use ottomato::actors::sim::SimKind;
 use ottomato::nats::{NatsStore, NatsTransport};
-use ottomato::store::StateStore;
 use ottomato::subjects::Subjects;
 use ottomato::{Cluster, ClusterConfig, Node, NodeConfig};
 use serde_json::{json, Value};
-use support::{eventually, NatsServer};
+use support::{eventually, NatsServer, Operator};
 
 async fn start_node(url: &str, id: &str, cfg: NodeConfig) -> Cluster {
     let client = ottomato::nats::connect(url, id).await.expect("connect");
@@ -31,94 +30,6 @@ async fn start_node(url: &str, id: &str, cfg: NodeConfig) -> Cluster {
     )
     .await
     .expect("node joins")
-}
-
-/// The operator's view: a plain client, the workloads bucket, and a watcher of
-/// the state bucket that records every owner change.
-struct Operator {
-    client: async_nats::Client,
-    specs: kv::Store,
-    state: kv::Store,
-    /// workload → (owner, status), as the state bucket says now.
-    view: Arc<Mutex<HashMap<String, (String, String)>>>,
-    /// Owner changes seen without a delete in between (must stay empty).
-    violations: Arc<Mutex<Vec<String>>>,
-}
-
-impl Operator {
-    async fn connect(url: &str) -> Operator {
-        // Buckets are created here with the node's own settings so the watcher
-        // is in place before any node starts.
-        let client = async_nats::connect(url).await.unwrap();
-        let setup = NatsStore::new(client.clone());
-        let s = Subjects::default();
-        setup.bucket(&s.workloads_bucket_spec(1)).await.unwrap();
-        setup.bucket(&s.state_bucket_spec()).await.unwrap();
-        let js = jetstream::new(client.clone());
-        let specs = js.get_key_value("otto_workloads").await.unwrap();
-        let state = js.get_key_value("otto_state").await.unwrap();
-        let view = Arc::new(Mutex::new(HashMap::new()));
-        let violations = Arc::new(Mutex::new(Vec::new()));
-        let mut watch = state.watch_with_history(">").await.unwrap();
-        let (v, bad) = (view.clone(), violations.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(e)) = watch.next().await {
-                let mut v = v.lock().unwrap();
-                match e.operation {
-                    kv::Operation::Put => {
-                        let rec: Value = serde_json::from_slice(&e.value).unwrap();
-                        let owner = rec["owner"].as_str().unwrap().to_string();
-                        let status = rec["status"].as_str().unwrap().to_string();
-                        if let Some((prev, _)) = v.get(&e.key) {
-                            if *prev != owner {
-                                bad.lock().unwrap().push(format!(
-                                    "{}: owner {prev} -> {owner} without release",
-                                    e.key
-                                ));
-                            }
-                        }
-                        v.insert(e.key, (owner, status));
-                    }
-                    _ => {
-                        v.remove(&e.key);
-                    }
-                }
-            }
-        });
-        Operator {
-            client,
-            specs,
-            state,
-            view,
-            violations,
-        }
-    }
-
-    async fn add(&self, id: &str, spec: Value) {
-        self.specs
-            .put(id, Bytes::from(spec.to_string()))
-            .await
-            .unwrap();
-    }
-
-    fn running(&self) -> HashMap<String, String> {
-        self.view
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, (_, s))| s == "running")
-            .map(|(k, (o, _))| (k.clone(), o.clone()))
-            .collect()
-    }
-
-    fn assert_no_double_owner(&self) {
-        let bad = self.violations.lock().unwrap();
-        assert!(
-            bad.is_empty(),
-            "double ownership seen: {:?}",
-            &bad[..bad.len().min(5)]
-        );
-    }
 }
 
 /// Every workload in `ids` runs on exactly one of `nodes`.
@@ -143,7 +54,7 @@ fn exactly_once(nodes: &[&Cluster], ids: &[String]) -> Result<(), String> {
 async fn nodes_started_together_claim_every_workload_exactly_once() {
     support::init_logs();
     let server = NatsServer::start();
-    let op = Operator::connect(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
     let ids: Vec<String> = (0..1000).map(|i| format!("dev-{i:04}")).collect();
     for id in &ids {
         op.add(id, json!({"kind": "sim"})).await;
@@ -181,7 +92,7 @@ async fn nodes_started_together_claim_every_workload_exactly_once() {
 async fn plain_nats_clients_get_documented_replies_and_errors() {
     support::init_logs();
     let server = NatsServer::start();
-    let op = Operator::connect(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
     op.add("t1", json!({"kind": "sim", "labels": {"site": "oslo"}}))
         .await;
     op.add("t2", json!({"kind": "sim", "queue": 1})).await;
@@ -378,7 +289,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
 async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
     support::init_logs();
     let server = NatsServer::start();
-    let op = Operator::connect(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
     let ids: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
     for id in &ids {
         op.add(id, json!({"kind": "sim"})).await;
@@ -419,7 +330,7 @@ async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
 async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
     support::init_logs();
     let server = NatsServer::start();
-    let op = Operator::connect(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
     for i in 0..40 {
         op.add(&format!("d{i}"), json!({"kind": "sim"})).await;
     }
@@ -494,7 +405,7 @@ async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
 async fn unusable_specs_from_storage_show_failed_with_the_reason() {
     support::init_logs();
     let server = NatsServer::start();
-    let op = Operator::connect(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
     op.add("x-kind", json!({"kind": "plc9000"})).await;
     op.add(
         "x-config",

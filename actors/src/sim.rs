@@ -9,6 +9,7 @@
 //! | `stop_ms` | how long `stop` takes | 0 |
 //! | `init_fail_rate` | probability (0–1) that an `init` attempt fails | 0 |
 //! | `ping_fail_rate` | probability (0–1) that a ping fails (flapping) | 0 |
+//! | `trace` | append one line per init/ping/task/stop to this file: `<unix ns> <pid> <event> <id>` (tests use it to prove no device is driven by two processes at once) | none |
 //!
 //! Commands: `echo` (returns `{"args", "kwargs"}`), `hello` (returns a
 //! greeting), `sleep` (kwarg `ms`), `fail` (returns an error, kwarg `message`),
@@ -32,7 +33,7 @@ use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 pub struct SimKind;
 
 /// The settings of one simulated device (its spec's `config`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
     /// Milliseconds `init` takes.
@@ -45,6 +46,8 @@ pub struct SimConfig {
     pub init_fail_rate: f32,
     /// Probability that a ping fails.
     pub ping_fail_rate: f32,
+    /// File to append a line to on every device call.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl Kind for SimKind {
@@ -85,6 +88,7 @@ pub struct SimDevice {
     ping_ms: AtomicU32,
     ping_fail_rate_bits: AtomicU32,
     pings: AtomicU64,
+    trace: Option<Box<std::path::Path>>,
 }
 
 impl SimDevice {
@@ -98,6 +102,23 @@ impl SimDevice {
             ping_ms: AtomicU32::new(cfg.ping_ms),
             ping_fail_rate_bits: AtomicU32::new(cfg.ping_fail_rate.to_bits()),
             pings: AtomicU64::new(0),
+            trace: cfg.trace.map(|p| p.into_boxed_path()),
+        }
+    }
+
+    fn trace(&self, event: &str) {
+        let Some(path) = &self.trace else { return };
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let line = format!("{ns} {} {event} {}\n", std::process::id(), self.id);
+        // One write of a short line with O_APPEND: lines from many processes never mix.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = std::io::Write::write_all(&mut f, line.as_bytes());
         }
     }
 
@@ -119,6 +140,7 @@ async fn pause(ms: u64) {
 #[async_trait]
 impl Workload for SimDevice {
     async fn init(&self) -> Result<(), WorkloadError> {
+        self.trace("init");
         pause(self.init_ms).await;
         if chance(self.init_fail_rate) {
             return Err(WorkloadError::new("simulated init failure"));
@@ -127,6 +149,7 @@ impl Workload for SimDevice {
     }
 
     async fn ping(&self) -> Result<(), WorkloadError> {
+        self.trace("ping");
         pause(u64::from(self.ping_ms.load(Ordering::Relaxed))).await;
         self.pings.fetch_add(1, Ordering::Relaxed);
         if chance(self.ping_fail_rate()) {
@@ -136,6 +159,7 @@ impl Workload for SimDevice {
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {
+        self.trace("task");
         match task.command.as_str() {
             "echo" => Ok(json!({ "args": task.args, "kwargs": task.kwargs })),
             "hello" => Ok(Value::String(format!("hello from {}", self.id))),
@@ -182,6 +206,7 @@ impl Workload for SimDevice {
     }
 
     async fn stop(&self) -> Result<(), WorkloadError> {
+        self.trace("stop");
         pause(self.stop_ms).await;
         Ok(())
     }

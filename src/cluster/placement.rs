@@ -11,7 +11,7 @@
 //! - Eligible nodes: not draining, in the workload's required zone, carrying
 //!   its node-selector labels; among them, those of its preferred zone if any.
 //! - Loads are bounded: a node takes at most `ceil(total * w / Σw * (1 + ε))`
-//!   workloads (ε = 0.2 %), and never more than its capacity. Workloads are
+//!   workloads (ε = 0.1 %), and never more than its capacity. Workloads are
 //!   placed most-constrained first, then in hash order, each on its
 //!   best-scoring eligible node with room. This keeps max − min load within
 //!   about 1 % while moving little more than the ideal share.
@@ -23,7 +23,7 @@ use crate::spec::Placement;
 use crate::wire::NodeInfo;
 
 /// Slack over the perfectly even share.
-const EPSILON: f64 = 0.002;
+const EPSILON: f64 = 0.001;
 
 /// FNV-1a then a splitmix64 finaliser: stable across builds and platforms
 /// (std's hasher is not), so nodes of different versions agree.

@@ -3,11 +3,12 @@
 //! server's own log, never waited for with a sleep.
 #![allow(dead_code)]
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Once};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 static INSTALL: Once = Once::new();
@@ -162,4 +163,351 @@ pub fn init_logs() {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Sends a signal (`STOP`, `CONT`, `KILL`, `TERM`) to a process we started.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// One `ottomato node` process, killed on drop.
+pub struct NodeProc {
+    pub child: Child,
+    pub id: String,
+    pub log: PathBuf,
+}
+
+impl NodeProc {
+    /// Starts `ottomato node -s <urls> --node-id <id>` with fast pings and `extra` flags.
+    pub fn start(urls: &str, id: &str, logs: &Path, extra: &[&str]) -> NodeProc {
+        let log = logs.join(format!("{id}.log"));
+        let err = std::fs::File::create(&log).expect("node log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_ottomato"))
+            .args(["node", "-s", urls, "--node-id", id])
+            .args(["--ping-splay-min", "500ms", "--ping-splay-max", "1s"])
+            .args(["--heartbeat", "1s", "--ttl", "5s"])
+            .args(extra)
+            .env("RUST_LOG", "ottomato=info")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start ottomato node");
+        NodeProc {
+            child,
+            id: id.to_string(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        signal_quietly(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_quietly(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// One line of a sim device trace.
+#[derive(Debug, Clone)]
+pub struct TraceLine {
+    pub ns: u128,
+    pub pid: u32,
+    pub event: String,
+    pub id: String,
+}
+
+pub fn read_trace(path: &Path) -> Vec<TraceLine> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut v: Vec<TraceLine> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split(' ');
+            Some(TraceLine {
+                ns: it.next()?.parse().ok()?,
+                pid: it.next()?.parse().ok()?,
+                event: it.next()?.to_string(),
+                id: it.next()?.to_string(),
+            })
+        })
+        .collect();
+    v.sort_by_key(|t| t.ns);
+    v
+}
+
+/// Moments when two processes drove the same device: process A worked on a
+/// device, then B did, then A again without having stopped (or re-initialised)
+/// it in between. Empty when every device was driven by one process at a time.
+pub fn double_runs(trace: &[TraceLine]) -> Vec<String> {
+    use std::collections::{HashMap, HashSet};
+    let mut by_id: HashMap<&str, Vec<&TraceLine>> = HashMap::new();
+    for t in trace {
+        by_id.entry(&t.id).or_default().push(t);
+    }
+    let mut bad = vec![];
+    for (id, events) in by_id {
+        let mut current: Option<u32> = None;
+        let mut interrupted: HashSet<u32> = HashSet::new();
+        for e in events {
+            match e.event.as_str() {
+                "stop" => {
+                    interrupted.remove(&e.pid);
+                    if current == Some(e.pid) {
+                        current = None;
+                    }
+                }
+                ev => {
+                    if ev == "init" {
+                        interrupted.remove(&e.pid);
+                    }
+                    if interrupted.contains(&e.pid) {
+                        bad.push(format!(
+                            "{id}: pid {} worked again at {} after another pid took over",
+                            e.pid, e.ns
+                        ));
+                    }
+                    if let Some(q) = current {
+                        if q != e.pid {
+                            interrupted.insert(q);
+                        }
+                    }
+                    current = Some(e.pid);
+                }
+            }
+        }
+    }
+    bad
+}
+
+#[test]
+fn double_run_detector_flags_interleaving_only() {
+    let line = |ns, pid, event: &str| TraceLine {
+        ns,
+        pid,
+        event: event.into(),
+        id: "w".into(),
+    };
+    // Clean handover: A stops, B starts, later A takes it back.
+    let ok = [
+        line(1, 1, "init"),
+        line(2, 1, "ping"),
+        line(3, 1, "stop"),
+        line(4, 2, "init"),
+        line(5, 2, "ping"),
+        line(6, 2, "stop"),
+        line(7, 1, "init"),
+        line(8, 1, "ping"),
+    ];
+    assert!(double_runs(&ok).is_empty());
+    // Killed A never comes back: fine.
+    let killed = [
+        line(1, 1, "init"),
+        line(2, 1, "ping"),
+        line(4, 2, "init"),
+        line(5, 2, "ping"),
+    ];
+    assert!(double_runs(&killed).is_empty());
+    // A frozen, B takes over, A resumes pinging: a double run.
+    let stale = [
+        line(1, 1, "init"),
+        line(2, 1, "ping"),
+        line(4, 2, "init"),
+        line(5, 2, "ping"),
+        line(6, 1, "ping"),
+    ];
+    assert_eq!(double_runs(&stale).len(), 1);
+}
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use ottomato::nats::NatsStore;
+use ottomato::store::StateStore;
+use ottomato::subjects::Subjects;
+use serde_json::Value;
+
+/// The operator's view: a plain client, the workloads bucket, and a watcher of
+/// the state bucket that records every owner change.
+pub struct Operator {
+    pub client: async_nats::Client,
+    pub specs: kv::Store,
+    pub state: kv::Store,
+    /// workload → (owner, status), as the state bucket says now.
+    pub view: Arc<Mutex<HashMap<String, (String, String)>>>,
+    /// Owner changes seen without a delete in between, from an owner the
+    /// test did not declare gone (must stay empty).
+    pub violations: Arc<Mutex<Vec<String>>>,
+    /// Nodes the test killed or froze: takeovers from them are expected.
+    pub gone: Arc<Mutex<HashSet<String>>>,
+    /// Every owner each workload ever had, in order.
+    pub history: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    /// Releases seen (a key deleted while its spec still exists).
+    pub deletes: Arc<Mutex<u64>>,
+}
+
+impl Operator {
+    pub async fn connect(url: &str, replicas: usize) -> Operator {
+        // Buckets are created here with the node's own settings so the watcher
+        // is in place before any node starts.
+        let client = async_nats::connect(url).await.unwrap();
+        let setup = NatsStore::new(client.clone());
+        let s = Subjects::default();
+        eventually(60, "JetStream ready for buckets", || async {
+            let a = setup
+                .bucket(&s.workloads_bucket_spec(replicas))
+                .await
+                .ok()?;
+            let b = setup
+                .bucket(&s.state_bucket_spec_with(replicas))
+                .await
+                .ok()?;
+            Some((a, b))
+        })
+        .await;
+        let js = jetstream::new(client.clone());
+        let specs = js.get_key_value("otto_workloads").await.unwrap();
+        let state = js.get_key_value("otto_state").await.unwrap();
+        let view: Arc<Mutex<HashMap<String, (String, String)>>> =
+            Arc::new(Mutex::new(HashMap::new()));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let gone: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+        let history: Arc<Mutex<HashMap<String, Vec<String>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
+        let deletes = Arc::new(Mutex::new(0u64));
+        let mut watch = state.watch_with_history(">").await.unwrap();
+        let (v, bad, g, h, d) = (
+            view.clone(),
+            violations.clone(),
+            gone.clone(),
+            history.clone(),
+            deletes.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = watch.next().await {
+                let mut v = v.lock().unwrap();
+                match e.operation {
+                    kv::Operation::Put => {
+                        let rec: Value = serde_json::from_slice(&e.value).unwrap();
+                        let owner = rec["owner"].as_str().unwrap().to_string();
+                        let status = rec["status"].as_str().unwrap().to_string();
+                        if let Some((prev, _)) = v.get(&e.key) {
+                            if *prev != owner
+                                && !prev.is_empty()
+                                && !g.lock().unwrap().contains(prev)
+                            {
+                                bad.lock().unwrap().push(format!(
+                                    "{}: owner {prev} -> {owner} without release",
+                                    e.key
+                                ));
+                            }
+                        }
+                        let mut h = h.lock().unwrap();
+                        let hist = h.entry(e.key.clone()).or_default();
+                        if hist.last() != Some(&owner) {
+                            hist.push(owner.clone());
+                        }
+                        v.insert(e.key, (owner, status));
+                    }
+                    _ => {
+                        if v.remove(&e.key).is_some() {
+                            *d.lock().unwrap() += 1;
+                        }
+                    }
+                }
+            }
+        });
+        Operator {
+            client,
+            specs,
+            state,
+            view,
+            violations,
+            gone,
+            history,
+            deletes,
+        }
+    }
+
+    /// Reads the state bucket afresh (not through the watcher): workload → (owner, status).
+    pub async fn snapshot(&self) -> HashMap<String, (String, String)> {
+        let mut out = HashMap::new();
+        let Ok(mut keys) = self.state.keys().await else {
+            return out;
+        };
+        let mut ids = vec![];
+        while let Some(Ok(k)) = keys.next().await {
+            ids.push(k);
+        }
+        for id in ids {
+            if let Ok(Some(v)) = self.state.get(&id).await {
+                let rec: Value = serde_json::from_slice(&v).unwrap_or_default();
+                out.insert(
+                    id,
+                    (
+                        rec["owner"].as_str().unwrap_or("").to_string(),
+                        rec["status"].as_str().unwrap_or("").to_string(),
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    pub async fn add(&self, id: &str, spec: Value) {
+        self.specs
+            .put(id, Bytes::from(spec.to_string()))
+            .await
+            .unwrap();
+    }
+
+    pub fn running(&self) -> HashMap<String, String> {
+        self.view
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (_, s))| s == "running")
+            .map(|(k, (o, _))| (k.clone(), o.clone()))
+            .collect()
+    }
+
+    pub fn assert_no_double_owner(&self) {
+        let bad = self.violations.lock().unwrap();
+        assert!(
+            bad.is_empty(),
+            "double ownership seen: {:?}",
+            &bad[..bad.len().min(5)]
+        );
+    }
 }

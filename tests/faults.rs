@@ -1,0 +1,434 @@
+//! Failover, fencing and placement under faults, with every worker node a
+//! separate `ottomato node` OS process and real nats-servers: kill -9, SIGSTOP
+//! past the TTL, a nats-server restart, the loss of one server of a 3-server
+//! JetStream cluster, zones, capacity and scale-out.
+//!
+//! "Exactly once" is checked twice: by a KV watcher (no owner change except
+//! from a node the test killed or froze) and by the simulated devices
+//! themselves, which trace every call with the calling process's pid
+//! ([`support::double_runs`]).
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use support::{
+    double_runs, eventually, read_trace, signal, NatsServer, NodeProc, Operator, TempDir,
+};
+
+const TTL: Duration = Duration::from_secs(5);
+
+async fn add_traced(op: &Operator, ids: &[String], trace: &Path, extra: Value) {
+    for id in ids {
+        let mut spec = json!({"kind": "sim", "config": {"trace": trace}});
+        if let Value::Object(m) = &extra {
+            for (k, v) in m {
+                spec[k] = v.clone();
+            }
+        }
+        op.add(id, spec).await;
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:04}")).collect()
+}
+
+/// Waits until every id is `running` under an owner in `owners`.
+async fn all_running_on(
+    op: &Operator,
+    ids: &[String],
+    owners: &[&str],
+    secs: u64,
+) -> HashMap<String, String> {
+    eventually(
+        secs,
+        "all workloads running on the expected nodes",
+        || async {
+            let snap = op.snapshot().await;
+            let mut out = HashMap::new();
+            for id in ids {
+                match snap.get(id) {
+                    Some((o, s)) if s == "running" && owners.contains(&o.as_str()) => {
+                        out.insert(id.clone(), o.clone());
+                    }
+                    _ => return None,
+                }
+            }
+            Some(out)
+        },
+    )
+    .await
+}
+
+/// Every workload answers a task, from the node the state bucket names.
+async fn answered_by_owners(op: &Operator, owners: &HashMap<String, String>) {
+    for (id, owner) in owners {
+        let reply = eventually(20, "task answered", || async {
+            op.client
+                .request(
+                    format!("otto.task.{id}"),
+                    Bytes::from_static(br#"{"command":"hello"}"#),
+                )
+                .await
+                .ok()
+        })
+        .await;
+        let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(v["success"], true, "{v}");
+        assert_eq!(
+            &v["workerId"],
+            owner.as_str(),
+            "{id} answered by the wrong node"
+        );
+    }
+}
+
+/// Waits (to a deadline) until every id runs and owners have not changed for `quiet`.
+async fn settle(
+    op: &Operator,
+    ids: &[String],
+    quiet: Duration,
+    secs: u64,
+) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = HashMap::new();
+    let mut since = Instant::now();
+    loop {
+        let snap = op.snapshot().await;
+        let now: HashMap<String, String> = ids
+            .iter()
+            .filter_map(|id| match snap.get(id) {
+                Some((o, s)) if s == "running" => Some((id.clone(), o.clone())),
+                _ => None,
+            })
+            .collect();
+        if now.len() != ids.len() || now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "placement did not settle within {secs} s ({} of {} running)",
+            last.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let op = Operator::connect(&server.url, 1).await;
+    let ids = ids("k", 300);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    let mut b = NodeProc::start(&server.url, "b", &logs.0, &[]);
+    let c = NodeProc::start(&server.url, "c", &logs.0, &[]);
+    let owners = settle(&op, &ids, Duration::from_secs(2), 90).await;
+    let victims: Vec<String> = owners
+        .iter()
+        .filter(|(_, o)| *o == "b")
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(victims.len() > 50, "b owns only {}", victims.len());
+
+    op.gone.lock().unwrap().insert("b".into());
+    let killed = Instant::now();
+    b.kill();
+    all_running_on(&op, &victims, &["a", "c"], 30).await;
+    let took = killed.elapsed();
+    assert!(
+        took <= TTL + Duration::from_secs(2),
+        "failover took {took:?}"
+    );
+    eprintln!("failover of {} workloads took {took:?}", victims.len());
+
+    let owners = all_running_on(&op, &ids, &["a", "c"], 30).await;
+    answered_by_owners(&op, &owners).await;
+    op.assert_no_double_owner();
+    let bad = double_runs(&read_trace(&trace));
+    assert!(
+        bad.is_empty(),
+        "devices driven twice: {:?}",
+        &bad[..bad.len().min(5)]
+    );
+    drop((a, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let op = Operator::connect(&server.url, 1).await;
+    let ids = ids("p", 150);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    let b = NodeProc::start(&server.url, "b", &logs.0, &[]);
+    let c = NodeProc::start(&server.url, "c", &logs.0, &[]);
+    let owners = settle(&op, &ids, Duration::from_secs(2), 90).await;
+    let frozen: Vec<String> = owners
+        .iter()
+        .filter(|(_, o)| *o == "b")
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(!frozen.is_empty());
+
+    op.gone.lock().unwrap().insert("b".into());
+    let paused = Instant::now();
+    signal(b.pid(), "STOP");
+    // Its workloads move while it is frozen…
+    all_running_on(&op, &frozen, &["a", "c"], 30).await;
+    // …and it stays frozen for 2 × TTL in all (the scenario, not a wait for convergence).
+    tokio::time::sleep((paused + 2 * TTL).saturating_duration_since(Instant::now())).await;
+    signal(b.pid(), "CONT");
+    let resumed = Instant::now();
+
+    // It rejoins and may get a share back, by clean handover only.
+    let owners = settle(&op, &ids, Duration::from_secs(3), 90).await;
+    answered_by_owners(&op, &owners).await;
+    op.assert_no_double_owner();
+    let trace_lines = read_trace(&trace);
+    let bad = double_runs(&trace_lines);
+    assert!(
+        bad.is_empty(),
+        "devices driven twice: {:?}",
+        &bad[..bad.len().min(5)]
+    );
+    // No stale actor on the resumed node: in the last second, each device is
+    // pinged by one process only, the one whose node owns it.
+    let pids: HashMap<u32, &str> = [(a.pid(), "a"), (b.pid(), "b"), (c.pid(), "c")].into();
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        - 1_500_000_000;
+    let mut pingers: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for t in trace_lines
+        .iter()
+        .filter(|t| t.ns > cutoff && t.event == "ping")
+    {
+        pingers.entry(&t.id).or_default().insert(pids[&t.pid]);
+    }
+    for (id, who) in &pingers {
+        assert_eq!(who.len(), 1, "{id} pinged by {who:?}");
+        assert!(
+            who.contains(owners[*id].as_str()),
+            "{id} pinged by {who:?}, owned by {}",
+            owners[*id]
+        );
+    }
+    // The resumed node refused device work until it had sorted itself out:
+    // nothing it traced between resume and its first re-init is a ping.
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(
+        log.contains("lease expired"),
+        "b did not notice its lease ran out:\n{log}"
+    );
+    eprintln!("resumed after {:?}", resumed - paused);
+    drop((a, b, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_loses_nothing() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let url = server.url.clone();
+    let op = Operator::connect(&url, 1).await;
+    let ids = ids("r", 150);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let nodes: Vec<NodeProc> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeProc::start(&url, n, &logs.0, &[]))
+        .collect();
+    settle(&op, &ids, Duration::from_secs(2), 90).await;
+
+    let (port, store) = server.kill();
+    let server = NatsServer::start_with(Some(port), store, &[]);
+    assert_eq!(server.url, url);
+
+    let owners = settle(&op, &ids, Duration::from_secs(3), 90).await;
+    // No spec lost.
+    let mut keys = op.specs.keys().await.unwrap();
+    let mut n = 0;
+    while let Some(Ok(_)) = futures::StreamExt::next(&mut keys).await {
+        n += 1;
+    }
+    assert_eq!(n, ids.len());
+    answered_by_owners(&op, &owners).await;
+    let bad = double_runs(&read_trace(&trace));
+    assert!(
+        bad.is_empty(),
+        "devices driven twice: {:?}",
+        &bad[..bad.len().min(5)]
+    );
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_server_of_a_three_server_cluster_is_survived() {
+    support::init_logs();
+    support::ensure_nats_server();
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let client_ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
+    let route_ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
+    let mut servers: Vec<Option<NatsServer>> = (0..3)
+        .map(|i| {
+            let routes: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", route_ports[j]))
+                .collect();
+            let name = format!("s{i}");
+            let cluster = format!("nats://127.0.0.1:{}", route_ports[i]);
+            let routes = routes.join(",");
+            Some(NatsServer::start_with(
+                Some(client_ports[i]),
+                TempDir::new("nats"),
+                &[
+                    "-n",
+                    &name,
+                    "--cluster_name",
+                    "otto",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &routes,
+                ],
+            ))
+        })
+        .collect();
+    let urls: Vec<String> = client_ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect();
+    let all = urls.join(",");
+    let op = Operator::connect(&urls[1], 3).await;
+    let ids = ids("c", 60);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let nodes: Vec<NodeProc> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeProc::start(&all, n, &logs.0, &["--replicas", "3"]))
+        .collect();
+    settle(&op, &ids, Duration::from_secs(2), 120).await;
+
+    servers[0].take(); // killed and cleaned
+    let owners = settle(&op, &ids, Duration::from_secs(3), 120).await;
+    answered_by_owners(&op, &owners).await;
+    let bad = double_runs(&read_trace(&trace));
+    assert!(
+        bad.is_empty(),
+        "devices driven twice: {:?}",
+        &bad[..bad.len().min(5)]
+    );
+    drop(nodes);
+    drop(servers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zones_and_capacity_are_honoured() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let op = Operator::connect(&server.url, 1).await;
+    let zone_b = ids("zb", 60);
+    let free = ids("f", 60);
+    let nowhere = ids("zc", 2);
+    add_traced(&op, &zone_b, &trace, json!({"placement": {"zone": "b"}})).await;
+    add_traced(&op, &free, &trace, json!({})).await;
+    add_traced(&op, &nowhere, &trace, json!({"placement": {"zone": "c"}})).await;
+    let _a = NodeProc::start(&server.url, "a1", &logs.0, &["--zone", "a"]);
+    let _b1 = NodeProc::start(&server.url, "b1", &logs.0, &["--zone", "b"]);
+    let _b2 = NodeProc::start(
+        &server.url,
+        "b2",
+        &logs.0,
+        &["--zone", "b", "--capacity", "25"],
+    );
+    let mut all = zone_b.clone();
+    all.extend(free.iter().cloned());
+    let owners = settle(&op, &all, Duration::from_secs(2), 90).await;
+    for id in &zone_b {
+        assert_ne!(owners[id], "a1", "{id} requires zone b");
+    }
+    // Never, not even for a moment: the watcher saw every owner.
+    for (id, hist) in op.history.lock().unwrap().iter() {
+        if id.starts_with("zb") {
+            assert!(
+                !hist.iter().any(|o| o == "a1"),
+                "{id} ran in zone a: {hist:?}"
+            );
+        }
+    }
+    let b2 = owners.values().filter(|o| *o == "b2").count();
+    assert!(b2 <= 25, "b2 holds {b2} > capacity 25");
+    // A workload no live node may run shows why.
+    let snap = eventually(30, "unplaceable records", || async {
+        let snap = op.snapshot().await;
+        nowhere
+            .iter()
+            .all(|id| snap.get(id).is_some_and(|(_, s)| s == "unplaceable"))
+            .then_some(snap)
+    })
+    .await;
+    assert_eq!(
+        snap[&nowhere[0]].0, "",
+        "an unplaceable workload has no owner"
+    );
+    let rec: Value =
+        serde_json::from_slice(&op.state.get(&nowhere[0]).await.unwrap().unwrap()).unwrap();
+    assert!(
+        rec["reason"].as_str().unwrap().contains("zone \"c\""),
+        "{rec}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_from_three_to_four_moves_a_quarter_and_ends_balanced() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let op = Operator::connect(&server.url, 1).await;
+    let ids = ids("s", 2000);
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let _a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    let _b = NodeProc::start(&server.url, "b", &logs.0, &[]);
+    let _c = NodeProc::start(&server.url, "c", &logs.0, &[]);
+    let before = settle(&op, &ids, Duration::from_secs(2), 120).await;
+    let deletes_before = *op.deletes.lock().unwrap();
+    let _d = NodeProc::start(&server.url, "d", &logs.0, &[]);
+    let after = settle(&op, &ids, Duration::from_secs(3), 120).await;
+    let moves = *op.deletes.lock().unwrap() - deletes_before;
+    let changed = ids.iter().filter(|i| before[*i] != after[*i]).count() as u64;
+    let ideal = ids.len() as f64 / 4.0;
+    eprintln!("scale-out: {moves} handoffs, {changed} changed owner, ideal {ideal}");
+    assert!(
+        moves as f64 <= 1.1 * ideal,
+        "{moves} handoffs > 1.1 × {ideal}"
+    );
+    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in after.values() {
+        *load.entry(o).or_insert(0) += 1;
+    }
+    let (max, min) = (*load.values().max().unwrap(), *load.values().min().unwrap());
+    assert_eq!(load.len(), 4, "{load:?}");
+    assert!((max - min) as f64 <= 0.01 * ideal, "unbalanced: {load:?}");
+    op.assert_no_double_owner();
+}
