@@ -220,6 +220,7 @@ impl Cluster {
             unclaimed_since: HashMap::new(),
             joined: Instant::now(),
             synced: [false; 3],
+            replayed: [None, None, None],
             pending: HashSet::new(),
             releasing: HashSet::new(),
             running_rev: HashMap::new(),
@@ -278,12 +279,16 @@ impl Cluster {
         self.stop().await;
     }
 
-    /// Simulates a crash (for tests): stops heartbeats and coordination and
-    /// abandons every actor without releasing anything.
+    /// Simulates a crash (for tests and simulations): heartbeats and
+    /// coordination stop, every actor stops, nothing is released or written —
+    /// the others find out only when the membership entry expires.
     #[doc(hidden)]
-    pub fn abort(self) {
+    pub fn crash(self) {
         self.heartbeat.abort();
         self.coordinator.abort();
+        for id in self.node.workload_ids() {
+            self.node.fence_workload(&id, "crashed".into());
+        }
     }
 }
 
@@ -354,23 +359,30 @@ async fn heartbeat_loop(
     }
 }
 
-/// A watch that re-subscribes when its stream ends (connection trouble);
-/// each new subscription replays the bucket and ends with `Synced` again.
-fn resilient_watch(bucket: Arc<dyn KvBucket>, name: String) -> BoxStream<'static, KvChange> {
+/// A watch that re-subscribes when its stream ends (connection trouble, a
+/// lagging watcher). `None` marks the start of each subscription: a full
+/// replay follows, ending with `Synced`, and anything not replayed is gone.
+fn resilient_watch(
+    bucket: Arc<dyn KvBucket>,
+    name: String,
+) -> BoxStream<'static, Option<KvChange>> {
     futures::stream::unfold(
         (bucket, None::<BoxStream<'static, KvChange>>, name),
         |(bucket, mut current, name)| async move {
             loop {
                 if let Some(s) = current.as_mut() {
                     if let Some(c) = s.next().await {
-                        return Some((c, (bucket, current, name)));
+                        return Some((Some(c), (bucket, current, name)));
                     }
                     tracing::warn!(bucket = %name, "watch ended; re-watching");
                     current = None;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 match bucket.watch().await {
-                    Ok(s) => current = Some(s),
+                    Ok(s) => {
+                        current = Some(s);
+                        return Some((None, (bucket, current, name)));
+                    }
                     Err(e) => {
                         tracing::warn!(bucket = %name, error = %e, "cannot watch; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -383,9 +395,9 @@ fn resilient_watch(bucket: Arc<dyn KvBucket>, name: String) -> BoxStream<'static
 }
 
 enum Input {
-    Spec(KvChange),
-    Node(KvChange),
-    State(KvChange),
+    Spec(Option<KvChange>),
+    Node(Option<KvChange>),
+    State(Option<KvChange>),
 }
 
 struct SpecEntry {
@@ -440,6 +452,8 @@ struct Coordinator {
     joined: Instant,
     /// Specs, nodes, state: each watch has replayed its bucket.
     synced: [bool; 3],
+    /// Keys seen since each watch (re)started, until its `Synced`.
+    replayed: [Option<HashSet<String>>; 3],
     /// Claims in flight.
     pending: HashSet<String>,
     /// Workloads we are handing over; until their claim's delete is seen.
@@ -511,12 +525,86 @@ impl Coordinator {
     }
 
     fn apply(&mut self, input: Input) {
-        tracing::trace!(input = ?match &input { Input::Spec(c) => ("spec", c), Input::Node(c) => ("node", c), Input::State(c) => ("state", c) }, "input");
+        let (which, change) = match input {
+            Input::Spec(c) => (0, c),
+            Input::Node(c) => (1, c),
+            Input::State(c) => (2, c),
+        };
+        tracing::trace!(bucket = which, change = ?change, "input");
+        let Some(change) = change else {
+            // A (re)started watch: replay follows.
+            self.synced[which] = false;
+            self.replayed[which] = Some(HashSet::new());
+            return;
+        };
+        match &change {
+            KvChange::Put(e) => {
+                if let Some(seen) = &mut self.replayed[which] {
+                    seen.insert(e.key.clone());
+                }
+            }
+            KvChange::Delete { key, .. } => {
+                if let Some(seen) = &mut self.replayed[which] {
+                    seen.insert(key.clone());
+                }
+            }
+            KvChange::Synced => {
+                self.synced[which] = true;
+                if let Some(seen) = self.replayed[which].take() {
+                    self.forget_unseen(which, &seen);
+                }
+                return;
+            }
+        }
+        let input = match which {
+            0 => Input::Spec(Some(change)),
+            1 => Input::Node(Some(change)),
+            _ => Input::State(Some(change)),
+        };
+        self.apply_change(input);
+    }
+
+    /// After a replay: what was not replayed no longer exists.
+    fn forget_unseen(&mut self, which: usize, seen: &HashSet<String>) {
+        match which {
+            0 => {
+                let before = self.specs.len();
+                self.specs.retain(|k, _| seen.contains(k));
+                if self.specs.len() != before {
+                    self.view_gen += 1;
+                }
+            }
+            1 => {
+                let me = self.me.clone();
+                let before = self.live.len();
+                self.live.retain(|k, _| *k == me || seen.contains(k));
+                if self.live.len() != before {
+                    self.view_gen += 1;
+                }
+            }
+            _ => {
+                let gone: Vec<String> = self
+                    .claims
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    // Same as a delete we did not see.
+                    let revision = self.claims.get(&key).map_or(0, |c| c.revision);
+                    self.apply_change(Input::State(Some(KvChange::Delete { key, revision })));
+                }
+            }
+        }
+    }
+
+    fn apply_change(&mut self, input: Input) {
         match input {
-            Input::Spec(KvChange::Synced) => self.synced[0] = true,
-            Input::Node(KvChange::Synced) => self.synced[1] = true,
-            Input::State(KvChange::Synced) => self.synced[2] = true,
-            Input::Spec(KvChange::Put(e)) => {
+            Input::Spec(None) | Input::Node(None) | Input::State(None) => {}
+            Input::Spec(Some(KvChange::Synced))
+            | Input::Node(Some(KvChange::Synced))
+            | Input::State(Some(KvChange::Synced)) => {}
+            Input::Spec(Some(KvChange::Put(e))) => {
                 let spec = parse_spec(&e.key, &e.value);
                 if let Err(reason) = &spec {
                     tracing::warn!(workload = %e.key, %reason, "unusable spec");
@@ -530,11 +618,11 @@ impl Coordinator {
                 );
                 self.view_gen += 1;
             }
-            Input::Spec(KvChange::Delete { key, .. }) => {
+            Input::Spec(Some(KvChange::Delete { key, .. })) => {
                 self.specs.remove(&key);
                 self.view_gen += 1;
             }
-            Input::Node(KvChange::Put(e)) => {
+            Input::Node(Some(KvChange::Put(e))) => {
                 let info = serde_json::from_slice::<NodeInfo>(&e.value).unwrap_or_else(|_| {
                     // Unreadable (newer version?): still a live node, default share.
                     NodeInfo {
@@ -558,7 +646,7 @@ impl Coordinator {
                 }
                 self.live.insert(e.key, info);
             }
-            Input::Node(KvChange::Delete { key, .. }) => {
+            Input::Node(Some(KvChange::Delete { key, .. })) => {
                 if key == self.me {
                     // Our entry expired (we were too slow to heartbeat): the
                     // heartbeat task re-puts it; others may take over our
@@ -570,7 +658,7 @@ impl Coordinator {
                     self.view_gen += 1;
                 }
             }
-            Input::State(KvChange::Put(e)) => {
+            Input::State(Some(KvChange::Put(e))) => {
                 if self
                     .claims
                     .get(&e.key)
@@ -596,7 +684,7 @@ impl Coordinator {
                     },
                 );
             }
-            Input::State(KvChange::Delete { key, revision }) => {
+            Input::State(Some(KvChange::Delete { key, revision })) => {
                 if self.claims.get(&key).is_some_and(|c| c.revision > revision) {
                     return;
                 }
@@ -665,11 +753,16 @@ impl Coordinator {
                 },
             };
             if let Some(why) = why {
-                tracing::info!(workload = %id, reason = %why, "releasing");
-                if self.node.delete_workload(id).is_ok() {
-                    self.releasing.insert(id.clone());
-                    self.running_rev.remove(id);
-                    self.publish_cluster_event(id, "released", &why);
+                tracing::info!(node = %self.me, workload = %id, reason = %why, "releasing");
+                match self.node.delete_workload(id) {
+                    Ok(()) => {
+                        self.releasing.insert(id.clone());
+                        self.running_rev.remove(id);
+                        self.publish_cluster_event(id, "released", &why);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %self.me, workload = %id, error = %e, status = ?self.node.workload(id).map(|w| (w.status, w.reason)), "release failed")
+                    }
                 }
             }
         }
@@ -698,6 +791,8 @@ impl Coordinator {
                 break; // the rest after some claims complete
             }
             if self.pending.contains(id) || local.contains(id) || self.releasing.contains(id) {
+                // Held (or changing hands through us): not stranded.
+                self.unclaimed_since.remove(id);
                 continue;
             }
             let target = self.assignment.get(id);

@@ -2,11 +2,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use super::{BucketSpec, KvBucket, KvChange, KvEntry, StateStore, StoreError};
 
@@ -29,13 +31,15 @@ impl StateStore for MemoryStore {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let b = buckets
             .entry(spec.name.clone())
-            .or_insert_with(|| Arc::new(MemoryBucket::new()));
+            .or_insert_with(|| MemoryBucket::new(spec.max_age));
         Ok(b.clone())
     }
 }
 
 struct Inner {
     entries: BTreeMap<String, (Bytes, u64)>,
+    /// When each key was last written (for `max_age`).
+    written: HashMap<String, Instant>,
     last_revision: u64,
 }
 
@@ -45,14 +49,51 @@ pub(crate) struct MemoryBucket {
     changes: broadcast::Sender<KvChange>,
 }
 
+/// How often expiry is checked, as a fraction of `max_age`.
+const EXPIRY_CHECKS_PER_AGE: u32 = 20;
+
 impl MemoryBucket {
-    fn new() -> Self {
-        MemoryBucket {
+    fn new(max_age: Option<Duration>) -> Arc<Self> {
+        let b = Arc::new(MemoryBucket {
             inner: Mutex::new(Inner {
                 entries: BTreeMap::new(),
+                written: HashMap::new(),
                 last_revision: 0,
             }),
             changes: broadcast::channel(65_536).0,
+        });
+        if let Some(age) = max_age.filter(|a| !a.is_zero()) {
+            // Like JetStream's max age with limit markers: an entry not
+            // rewritten for `age` disappears and watchers see a delete.
+            let weak = Arc::downgrade(&b);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(age / EXPIRY_CHECKS_PER_AGE);
+                loop {
+                    tick.tick().await;
+                    let Some(b) = weak.upgrade() else { return };
+                    b.expire(age);
+                }
+            });
+        }
+        b
+    }
+
+    fn expire(&self, age: Duration) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let old: Vec<String> = inner
+            .written
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= age)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in old {
+            inner.written.remove(&key);
+            if inner.entries.remove(&key).is_some() {
+                inner.last_revision += 1;
+                let revision = inner.last_revision;
+                let _ = self.changes.send(KvChange::Delete { key, revision });
+            }
         }
     }
 
@@ -67,6 +108,7 @@ impl MemoryBucket {
         inner
             .entries
             .insert(key.to_string(), (value.clone(), revision));
+        inner.written.insert(key.to_string(), Instant::now());
         let _ = self.changes.send(KvChange::Put(KvEntry {
             key: key.to_string(),
             value,
@@ -129,6 +171,7 @@ impl KvBucket for MemoryBucket {
         }
         if found.is_some() {
             inner.entries.remove(key);
+            inner.written.remove(key);
             inner.last_revision += 1;
             let _ = self.changes.send(KvChange::Delete {
                 key: key.to_string(),
@@ -159,9 +202,9 @@ impl KvBucket for MemoryBucket {
             loop {
                 match rx.recv().await {
                     Ok(change) => return Some((change, rx)),
-                    // A watcher this slow misses changes; it keeps going with
-                    // the newest, as a NATS watcher behind a reconnect would.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    // A watcher this slow has missed changes: end the stream
+                    // so the caller watches again and gets a full replay.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return None,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
@@ -194,5 +237,53 @@ mod tests {
         b.delete("k", Some(r2)).await.unwrap();
         assert!(matches!(w.next().await, Some(KvChange::Delete { key, .. }) if key == "k"));
         assert_eq!(b.get("k").await.unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod ttl_tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_max_age_and_watchers_see_it() {
+        let store = MemoryStore::new();
+        let spec = BucketSpec {
+            max_age: Some(Duration::from_secs(5)),
+            ..BucketSpec::new("n")
+        };
+        let b = store.bucket(&spec).await.unwrap();
+        b.put("a", Bytes::from_static(b"1")).await.unwrap();
+        b.put("b", Bytes::from_static(b"1")).await.unwrap();
+        let mut w = b.watch().await.unwrap();
+        for _ in 0..3 {
+            w.next().await; // a, b, Synced
+        }
+        let t0 = Instant::now();
+        let hb = b.clone();
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                hb.put("b", Bytes::from_static(b"2")).await.unwrap(); // b keeps its heartbeat
+            }
+        });
+        // `a` went silent at t0: gone after 5 s (checked every 250 ms).
+        loop {
+            match w.next().await.unwrap() {
+                KvChange::Delete { key, .. } => {
+                    assert_eq!(key, "a");
+                    break;
+                }
+                KvChange::Put(e) => assert_eq!(e.key, "b"),
+                KvChange::Synced => unreachable!(),
+            }
+        }
+        let after = t0.elapsed();
+        assert!(
+            after >= Duration::from_secs(5) && after <= Duration::from_millis(5_300),
+            "{after:?}"
+        );
+        assert!(b.get("a").await.unwrap().is_none());
+        assert!(b.get("b").await.unwrap().is_some());
     }
 }
