@@ -283,12 +283,14 @@ impl Cluster {
     /// coordination stop, every actor stops, nothing is released or written —
     /// the others find out only when the membership entry expires.
     #[doc(hidden)]
-    pub fn crash(self) {
+    pub async fn crash(self) {
         self.heartbeat.abort();
         self.coordinator.abort();
         for id in self.node.workload_ids() {
             self.node.fence_workload(&id, "crashed".into());
         }
+        // Fenced workloads write nothing; this only tears the node down.
+        self.node.stop().await;
     }
 }
 

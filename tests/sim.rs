@@ -313,7 +313,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             1 if alive.len() > 1 => {
                 let i = alive[rng.gen_range(0..alive.len())];
                 if let Some(c) = nodes[i].cluster.take() {
-                    c.crash();
+                    c.crash().await;
                 }
             }
             2 => {
@@ -412,7 +412,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     }
     for n in nodes {
         if let Some(c) = n.cluster {
-            c.crash();
+            c.crash().await;
         }
     }
     Ok(())
@@ -439,7 +439,10 @@ fn run_seeds(seeds: Vec<u64>) -> Vec<(u64, String)> {
 fn cluster_protocol_holds_under_random_faults() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
         .try_init();
     let seeds: Vec<u64> = match std::env::var("OTTOMATO_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("OTTOMATO_SIM_SEED is a number")],
