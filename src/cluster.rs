@@ -75,6 +75,11 @@ pub struct ClusterConfig {
     /// After joining, wait this long (seeing who else is joining) before the
     /// first claims, so nodes started together don't all grab everything.
     pub join_settle: Duration,
+    /// Hand a workload that has been `dead` here this long to another node
+    /// (preferably in another zone) to try; `None`: keep it (the default).
+    pub move_dead_after: Option<Duration>,
+    /// How many times one workload may be handed on for being dead.
+    pub max_moves: u32,
 }
 
 impl Default for ClusterConfig {
@@ -92,6 +97,8 @@ impl Default for ClusterConfig {
             reconcile_min_interval: Duration::from_millis(50),
             unclaimed_grace: Duration::from_secs(15),
             join_settle: Duration::from_millis(1500),
+            move_dead_after: None,
+            max_moves: 2,
         }
     }
 }
@@ -218,6 +225,7 @@ impl Cluster {
             view_gen: 1,
             assignment_gen: 0,
             unclaimed_since: HashMap::new(),
+            dead_since: HashMap::new(),
             joined: Instant::now(),
             synced: [false; 3],
             replayed: [None, None, None],
@@ -337,13 +345,7 @@ async fn heartbeat_loop(
             _ = kick.notified() => {}
         }
         if !node.lease_valid() && !node.is_empty() {
-            tracing::error!(
-                workloads = node.len(),
-                "lease expired (paused or cut off longer than the TTL allows): fencing every workload"
-            );
-            for id in node.workload_ids() {
-                node.fence_workload(&id, "claim lost: node lease expired".into());
-            }
+            fence_all(&node);
         }
         let value = match info.lock() {
             Ok(mut i) => {
@@ -354,10 +356,30 @@ async fn heartbeat_loop(
         };
         let sent = Instant::now();
         match tokio::time::timeout(cfg.node_ttl, nodes.put(node.id(), value)).await {
-            Ok(Ok(_)) => node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin()),
+            Ok(Ok(_)) => {
+                // Renew only from an unbroken lease: an ack that comes back
+                // after the lease ran out may have landed after our old entry
+                // expired and others took our workloads. Then every actor must
+                // be gone before the node may touch a device again.
+                if node.lease_valid() || node.is_empty() {
+                    node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin());
+                } else {
+                    fence_all(&node);
+                }
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
             Err(_) => tracing::warn!("heartbeat timed out"),
         }
+    }
+}
+
+fn fence_all(node: &Node) {
+    tracing::error!(
+        workloads = node.len(),
+        "lease expired (paused or cut off longer than the TTL allows): fencing every workload"
+    );
+    for id in node.workload_ids() {
+        node.fence_workload(&id, "claim lost: node lease expired".into());
     }
 }
 
@@ -410,6 +432,9 @@ struct SpecEntry {
 struct Claim {
     owner: String,
     revision: u64,
+    /// Nodes the device was dead from, and how often it was handed on.
+    avoid: Vec<String>,
+    moves: u32,
 }
 
 enum ClaimKind {
@@ -424,6 +449,8 @@ enum ClaimKind {
 struct ClaimResult {
     id: String,
     spec_revision: u64,
+    avoid: Vec<String>,
+    moves: u32,
     /// `Err(reason)`: the spec is unusable and the claim records `failed`.
     failed: Option<String>,
     /// The record written was an ownerless `unplaceable` one.
@@ -451,6 +478,8 @@ struct Coordinator {
     assignment_gen: u64,
     /// Since when each workload has had no claim by a live node.
     unclaimed_since: HashMap<String, Instant>,
+    /// Since when each local workload has been dead.
+    dead_since: HashMap<String, Instant>,
     joined: Instant,
     /// Specs, nodes, state: each watch has replayed its bucket.
     synced: [bool; 3],
@@ -509,7 +538,20 @@ impl Coordinator {
                     dirty = true;
                 }
                 ev = events.recv() => match ev {
-                    Ok(e) => self.publish_event(&e).await,
+                    Ok(e) => {
+                        match &e {
+                            Event::Dead { workload, .. } => {
+                                self.dead_since.insert(workload.to_string(), Instant::now());
+                            }
+                            Event::Reachable { workload }
+                            | Event::Deleted { workload }
+                            | Event::Initialized { workload } => {
+                                self.dead_since.remove(&**workload);
+                            }
+                            _ => {}
+                        }
+                        self.publish_event(&e).await;
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "event publisher fell behind");
                     }
@@ -668,9 +710,19 @@ impl Coordinator {
                 {
                     return; // older than what we know
                 }
-                let owner = serde_json::from_slice::<StateRecord>(&e.value)
-                    .map(|r| r.owner)
-                    .unwrap_or_else(|_| "?".into());
+                let (owner, avoid, moves) = serde_json::from_slice::<StateRecord>(&e.value)
+                    .map(|r| (r.owner, r.avoid, r.moves))
+                    .unwrap_or_else(|_| ("?".into(), Vec::new(), 0));
+                if self
+                    .claims
+                    .get(&e.key)
+                    .map_or(!avoid.is_empty(), |c| c.avoid != avoid)
+                {
+                    self.view_gen += 1; // placement avoids these nodes now
+                }
+                if owner != self.me {
+                    self.releasing.remove(&e.key); // a handover we made has landed
+                }
                 if owner != self.me && self.node.has_workload(&e.key) {
                     self.node.fence_workload(
                         &e.key,
@@ -683,6 +735,8 @@ impl Coordinator {
                     Claim {
                         owner,
                         revision: e.revision,
+                        avoid,
+                        moves,
                     },
                 );
             }
@@ -714,11 +768,16 @@ impl Coordinator {
         }
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
+            let claims = &self.claims;
             self.assignment = placement::assign(
                 &self.live,
-                self.specs
-                    .iter()
-                    .map(|(id, e)| (id.as_str(), e.spec.as_ref().map_or(&none, |s| &s.placement))),
+                self.specs.iter().map(|(id, e)| {
+                    (
+                        id.as_str(),
+                        e.spec.as_ref().map_or(&none, |s| &s.placement),
+                        claims.get(id).map_or(&[][..], |c| &c.avoid[..]),
+                    )
+                }),
             );
             self.assignment_gen = self.view_gen;
         }
@@ -732,6 +791,25 @@ impl Coordinator {
         );
         let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
         let mut handoffs = self.releasing.len();
+        // Local workloads dead here for long: let another node try.
+        if let Some(after) = self.cfg.move_dead_after {
+            let due: Vec<String> = self
+                .dead_since
+                .iter()
+                .filter(|(id, t)| {
+                    t.elapsed() >= after && local.contains(*id) && !self.releasing.contains(*id)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                if handoffs >= self.cfg.max_handoffs {
+                    break;
+                }
+                if self.hand_on_dead(&id) {
+                    handoffs += 1;
+                }
+            }
+        }
         // Local workloads: spec gone or changed, or placed elsewhere now.
         for id in &local {
             if self.releasing.contains(id) {
@@ -865,7 +943,12 @@ impl Coordinator {
         }
         for (id, spec_rev, kind, spec) in to_claim {
             self.pending.insert(id.clone());
-            self.spawn_claim(id, spec_rev, kind, spec);
+            let (avoid, moves) = self
+                .claims
+                .get(&id)
+                .map(|c| (c.avoid.clone(), c.moves))
+                .unwrap_or_default();
+            self.spawn_claim(id, spec_rev, kind, spec, avoid, moves);
         }
         // Claims with no spec and no local workload: ours, or unplaceable
         // records (the bookkeeper's job), are garbage.
@@ -888,6 +971,61 @@ impl Coordinator {
             .retain(|id, _| self.specs.contains_key(id));
     }
 
+    /// Hands a workload that is dead here to another node, recording this
+    /// node on its avoid list. Returns whether it did.
+    fn hand_on_dead(&mut self, id: &str) -> bool {
+        let Some(claim) = self.claims.get(id).filter(|c| c.owner == self.me) else {
+            return false;
+        };
+        if claim.moves >= self.cfg.max_moves {
+            return false; // stays here, dead, still checked
+        }
+        let mut avoid = claim.avoid.clone();
+        avoid.push(self.me.clone());
+        let spec_placement = self
+            .specs
+            .get(id)
+            .and_then(|e| e.spec.as_ref().ok())
+            .map(|s| s.placement.clone())
+            .unwrap_or_default();
+        let elsewhere = self
+            .live
+            .values()
+            .any(|n| !avoid.contains(&n.id) && placement::eligible(n, &spec_placement));
+        if !elsewhere {
+            return false;
+        }
+        let record = StateRecord {
+            owner: String::new(),
+            kind: self
+                .specs
+                .get(id)
+                .and_then(|e| e.spec.as_ref().ok())
+                .map(|s| s.kind.clone())
+                .unwrap_or_default(),
+            status: Status::Moving,
+            since: SystemTime::now(),
+            reason: Some(format!(
+                "dead on node {}; handed on for another node to try",
+                self.me
+            )),
+            restarts: 0,
+            avoid,
+            moves: claim.moves + 1,
+        };
+        tracing::info!(node = %self.me, workload = %id, "dead here: handing it on");
+        match self.node.hand_over_workload(id, json_bytes(&record)) {
+            Ok(()) => {
+                self.releasing.insert(id.to_string());
+                self.running_rev.remove(id);
+                self.dead_since.remove(id);
+                self.publish_cluster_event(id, "released", "dead here; another node will try");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn spawn_release_key(&mut self, id: String, revision: u64) {
         self.releasing.insert(id.clone());
         let state = self.state.clone();
@@ -904,6 +1042,8 @@ impl Coordinator {
         spec_revision: u64,
         kind: ClaimKind,
         spec: Result<WorkloadSpec, String>,
+        avoid: Vec<String>,
+        moves: u32,
     ) {
         let failed = spec.as_ref().err().cloned();
         let unplaceable = match &kind {
@@ -927,6 +1067,8 @@ impl Coordinator {
             since: SystemTime::now(),
             reason: unplaceable.clone().or_else(|| failed.clone()),
             restarts: 0,
+            avoid: avoid.clone(),
+            moves,
         };
         let value = json_bytes(&record);
         let state = self.state.clone();
@@ -939,6 +1081,8 @@ impl Coordinator {
             let _ = tx.send(ClaimResult {
                 id,
                 spec_revision,
+                avoid,
+                moves,
                 failed,
                 unplaceable: unplaceable.is_some(),
                 result,
@@ -962,6 +1106,8 @@ impl Coordinator {
                 Claim {
                     owner: String::new(),
                     revision,
+                    avoid: r.avoid,
+                    moves: r.moves,
                 },
             );
             return;
@@ -971,6 +1117,8 @@ impl Coordinator {
             Claim {
                 owner: self.me.clone(),
                 revision,
+                avoid: r.avoid.clone(),
+                moves: r.moves,
             },
         );
         if !self.node.lease_valid() {
@@ -993,7 +1141,11 @@ impl Coordinator {
                 return;
             }
         };
-        match self.node.add_claimed_workload(spec, revision).await {
+        match self
+            .node
+            .add_claimed_workload(spec, revision, r.avoid.clone(), r.moves)
+            .await
+        {
             Ok(()) => {
                 self.running_rev.insert(r.id.clone(), r.spec_revision);
                 self.publish_cluster_event(&r.id, "claimed", "placement");
@@ -1009,6 +1161,8 @@ impl Coordinator {
                     since: SystemTime::now(),
                     reason: Some(e.to_string()),
                     restarts: 0,
+                    avoid: r.avoid.clone(),
+                    moves: r.moves,
                 };
                 if let Ok(rev) = self
                     .state

@@ -52,7 +52,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  ottomato node -s nats://127.0.0.1:4222\n  ottomato node -s nats://n1:4222,nats://n2:4222 --zone a --label rack=r1 --replicas 3"
     )]
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Benchmarks that print ratios against a raw baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -101,6 +101,13 @@ struct NodeArgs {
     /// Workloads handed over at once when rebalancing or draining.
     #[arg(long, default_value_t = 64)]
     max_handoffs: usize,
+    /// Hand a workload dead here this long to another node (another zone
+    /// preferred) to try, e.g. 60s; off when not given.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    move_dead_after: Option<Duration>,
+    /// How many times one workload may be handed on for being dead.
+    #[arg(long, default_value_t = 2)]
+    max_moves: u32,
     /// On SIGINT/SIGTERM, how long to drain before leaving anyway.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -156,6 +163,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         capacity: args.capacity,
         replicas: args.replicas,
         max_handoffs: args.max_handoffs,
+        move_dead_after: args.move_dead_after,
+        max_moves: args.max_moves,
         ..Default::default()
     };
     let cluster = Cluster::start(
@@ -244,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Node(args) => run_node(args).await,
+        Command::Node(args) => run_node(*args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

@@ -164,7 +164,10 @@ impl Shared {
     /// The last step of a delete: the actor is gone.
     pub(crate) fn finish_removal(&self, slot: &Arc<Slot>) {
         slot.cancel_health_checks();
-        let fenced = slot.lock().fenced.is_some();
+        let (fenced, handover) = {
+            let mut g = slot.lock();
+            (g.fenced.is_some(), g.handover.take())
+        };
         {
             let mut reg = self.registry_mut();
             if reg.get(&slot.id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
@@ -173,7 +176,11 @@ impl Shared {
         }
         if !fenced {
             if let Some(w) = self.writer.get() {
-                let _ = w.send(WriteCmd::Remove(slot.id.clone()));
+                let cmd = match handover {
+                    Some(record) => WriteCmd::Handover(slot.id.clone(), record),
+                    None => WriteCmd::Remove(slot.id.clone()),
+                };
+                let _ = w.send(cmd);
             }
         }
         tracing::info!(workload = &*slot.id, "deleted");
@@ -388,8 +395,29 @@ impl Node {
         &self,
         spec: WorkloadSpec,
         revision: u64,
+        avoid: Vec<String>,
+        moves: u32,
     ) -> Result<(), NodeError> {
-        self.add_workload_inner(spec, Some(revision)).await
+        self.add_workload_inner(spec, Some((revision, avoid, moves)))
+            .await
+    }
+
+    /// Deletes a workload like `delete_workload`, but leaves `record` in its
+    /// state key (by CAS) instead of deleting the key: a handover.
+    pub(crate) fn hand_over_workload(
+        &self,
+        id: &str,
+        record: bytes::Bytes,
+    ) -> Result<(), NodeError> {
+        let slot = self
+            .shared
+            .slot(id)
+            .ok_or_else(|| NodeError::NotFound(id.to_string()))?;
+        if slot.lock().deleting {
+            return Err(NodeError::Stopping(id.to_string()));
+        }
+        slot.lock().handover = Some(record);
+        self.shared.request_delete(&slot)
     }
 
     /// Lets the node do device work until `until` (cluster mode: the last
@@ -432,7 +460,7 @@ impl Node {
     async fn add_workload_inner(
         &self,
         spec: WorkloadSpec,
-        claimed: Option<u64>,
+        claimed: Option<(u64, Vec<String>, u32)>,
     ) -> Result<(), NodeError> {
         let sh = &self.shared;
         if sh.shutting_down.load(Ordering::Acquire) {
@@ -441,6 +469,12 @@ impl Node {
         validate_id(&spec.id).map_err(NodeError::InvalidId)?;
         let device = sh.kinds.create(&spec)?;
         let slot = Arc::new(Slot::new(spec));
+        let claimed = claimed.map(|(rev, avoid, moves)| {
+            let mut g = slot.lock();
+            g.avoid = avoid;
+            g.moves = moves;
+            rev
+        });
         {
             let mut reg = sh.registry_mut();
             if let Some(existing) = reg.get(&slot.id) {

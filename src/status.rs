@@ -24,11 +24,14 @@ pub enum Status {
     Stopping,
     /// No live node may run it (cluster mode); the reason says why.
     Unplaceable,
+    /// Handed over after being dead on its owner, for another node to try
+    /// (cluster mode, `move_dead_after`); the reason says from where.
+    Moving,
 }
 
 impl Status {
     /// Every status, in display order.
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Initializing,
         Status::Running,
         Status::Unreachable,
@@ -37,6 +40,7 @@ impl Status {
         Status::Failed,
         Status::Stopping,
         Status::Unplaceable,
+        Status::Moving,
     ];
 
     /// The wire name (`"running"`).
@@ -50,6 +54,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Stopping => "stopping",
             Status::Unplaceable => "unplaceable",
+            Status::Moving => "moving",
         }
     }
 }

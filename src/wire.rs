@@ -249,6 +249,16 @@ pub struct StateRecord {
     /// Restarts after failures on the owner.
     #[serde(default)]
     pub restarts: u32,
+    /// Nodes the device was dead from: placement keeps it off them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
+    /// How often it was handed on for being dead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moves: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The value of a key in the membership bucket (`<prefix>_nodes`).

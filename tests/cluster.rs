@@ -18,6 +18,51 @@ use ottomato::{Cluster, ClusterConfig, Node, NodeConfig};
 use serde_json::{json, Value};
 use support::{eventually, NatsServer, Operator};
 
+/// A device kind whose devices answer pings only from some nodes (a device
+/// reachable from one zone but not another).
+struct ZonedKind {
+    reachable: bool,
+}
+
+struct ZonedDevice {
+    reachable: bool,
+}
+
+impl ottomato::Kind for ZonedKind {
+    fn name(&self) -> &str {
+        "zoned"
+    }
+    fn create(
+        &self,
+        _id: &str,
+        _c: &Value,
+    ) -> Result<Arc<dyn ottomato::Workload>, ottomato::ConfigError> {
+        Ok(Arc::new(ZonedDevice {
+            reachable: self.reachable,
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl ottomato::Workload for ZonedDevice {
+    async fn init(&self) -> Result<(), ottomato::WorkloadError> {
+        Ok(())
+    }
+    async fn ping(&self) -> Result<(), ottomato::WorkloadError> {
+        if self.reachable {
+            Ok(())
+        } else {
+            Err(ottomato::WorkloadError::new("no route to device from here"))
+        }
+    }
+    async fn run_task(&self, _t: &ottomato::Task) -> Result<Value, ottomato::TaskError> {
+        Ok(Value::Null)
+    }
+    async fn stop(&self) -> Result<(), ottomato::WorkloadError> {
+        Ok(())
+    }
+}
+
 async fn start_node(url: &str, id: &str, cfg: NodeConfig) -> Cluster {
     let client = ottomato::nats::connect(url, id).await.expect("connect");
     let store = Arc::new(NatsStore::new(client.clone()));
@@ -324,6 +369,104 @@ async fn a_cleanly_stopped_node_hands_its_workloads_to_the_others() {
     assert_eq!(nodes.get("b").await.unwrap(), None);
     a.stop().await;
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_dead_from_one_zone_is_handed_to_another_zone_with_a_move_limit() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    op.add(
+        "m1",
+        json!({"kind": "zoned", "placement": {"preferZone": "a"}}),
+    )
+    .await;
+    let fast = NodeConfig {
+        ping_splay_min: Duration::from_millis(200),
+        ping_splay_max: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let start = |id: &'static str, zone: &'static str, reachable: bool| {
+        let url = server.url.clone();
+        let cfg = fast.clone();
+        async move {
+            let client = ottomato::nats::connect(&url, id).await.unwrap();
+            Cluster::start(
+                Node::builder()
+                    .config(cfg)
+                    .node_id(id)
+                    .kind(ZonedKind { reachable }),
+                Arc::new(NatsStore::new(client.clone())),
+                Arc::new(NatsTransport::new(client)),
+                ClusterConfig {
+                    zone: Some(zone.into()),
+                    move_dead_after: Some(Duration::from_secs(1)),
+                    max_moves: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let a = start("a", "a", false).await;
+    let b = start("b", "b", true).await;
+    // Placed in zone a (preferred), dead there, handed on, running in zone b.
+    eventually(60, "m1 running on b", || async {
+        (op.running().get("m1").map(String::as_str) == Some("b")).then_some(())
+    })
+    .await;
+    let hist = op.history.lock().unwrap().get("m1").cloned().unwrap();
+    assert!(
+        hist.iter().any(|o| o == "a"),
+        "m1 should have started on a: {hist:?}"
+    );
+    let rec: Value = serde_json::from_slice(&op.state.get("m1").await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (rec["avoid"].clone(), rec["moves"].clone()),
+        (json!(["a"]), json!(1)),
+        "{rec}"
+    );
+    assert!(b.node().has_workload("m1") && !a.node().has_workload("m1"));
+    op.assert_no_double_owner();
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_hands_over_at_a_bounded_pace_then_leaves() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let ids: Vec<String> = (0..200).map(|i| format!("dr{i}")).collect();
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let a = start_node(&server.url, "a", NodeConfig::default()).await;
+    let b = start_node(&server.url, "b", NodeConfig::default()).await;
+    eventually(60, "200 running on 2 nodes", || async {
+        (op.running().len() == 200 && exactly_once(&[&a, &b], &ids).is_ok() && !b.node().is_empty())
+            .then_some(())
+    })
+    .await;
+    // While b drains, it never holds a workload that a already runs.
+    let had = b.node().len();
+    let drain = tokio::spawn(b.drain(Duration::from_secs(60)));
+    eventually(60, "all 200 on a", || async {
+        let running = op.running();
+        (running.len() == 200 && running.values().all(|o| o == "a")).then_some(())
+    })
+    .await;
+    drain.await.unwrap();
+    assert!(had > 50);
+    op.assert_no_double_owner();
+    let nodes = jetstream::new(op.client.clone())
+        .get_key_value("otto_nodes")
+        .await
+        .unwrap();
+    assert_eq!(nodes.get("b").await.unwrap(), None, "a drained node leaves");
+    assert_eq!(a.node().len(), 200);
+    a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,6 +329,12 @@ async fn losing_one_server_of_a_three_server_cluster_is_survived() {
     servers[0].take(); // killed and cleaned
     let owners = settle(&op, &ids, Duration::from_secs(3), 120).await;
     answered_by_owners(&op, &owners).await;
+    let mut keys = op.specs.keys().await.unwrap();
+    let mut n = 0;
+    while let Some(Ok(_)) = futures::StreamExt::next(&mut keys).await {
+        n += 1;
+    }
+    assert_eq!(n, ids.len(), "a spec was lost");
     let bad = double_runs(&read_trace(&trace));
     assert!(
         bad.is_empty(),
@@ -377,6 +383,9 @@ async fn zones_and_capacity_are_honoured() {
     }
     let b2 = owners.values().filter(|o| *o == "b2").count();
     assert!(b2 <= 25, "b2 holds {b2} > capacity 25");
+    let peak = op.max_load.lock().unwrap().get("b2").copied().unwrap_or(0);
+    assert!(peak <= 25, "b2 held {peak} at some moment > capacity 25");
+    assert!(peak > 0, "b2 never held anything");
     // A workload no live node may run shows why.
     let snap = eventually(30, "unplaceable records", || async {
         let snap = op.snapshot().await;

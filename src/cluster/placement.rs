@@ -65,12 +65,15 @@ pub(crate) fn eligible(node: &NodeInfo, placement: &Placement) -> bool {
 /// Where each workload should run: `Ok(node id)` or `Err(why not)`.
 pub(crate) type Assignment = HashMap<String, Result<String, String>>;
 
-/// Computes the assignment of `workloads` (id, placement) over `nodes`.
+/// Computes the assignment of `workloads` (id, placement, nodes to avoid)
+/// over `nodes`. Avoided nodes are those a device was dead from: skipped
+/// while any other eligible node exists, and nodes in other zones than the
+/// avoided ones are preferred.
 pub(crate) fn assign<'a>(
     nodes: &BTreeMap<String, NodeInfo>,
-    workloads: impl IntoIterator<Item = (&'a str, &'a Placement)>,
+    workloads: impl IntoIterator<Item = (&'a str, &'a Placement, &'a [String])>,
 ) -> Assignment {
-    let workloads: Vec<(&str, &Placement)> = workloads.into_iter().collect();
+    let workloads: Vec<(&str, &Placement, &[String])> = workloads.into_iter().collect();
     let usable: Vec<(&str, &NodeInfo)> = nodes
         .iter()
         .filter(|(_, n)| !n.draining)
@@ -91,12 +94,40 @@ pub(crate) fn assign<'a>(
     // Candidates per workload, most constrained first, then by hash.
     let mut order: Vec<(usize, u64, &str, &Placement, Vec<&str>)> = workloads
         .iter()
-        .map(|(id, p)| {
+        .map(|(id, p, avoid)| {
             let mut cands: Vec<&str> = usable
                 .iter()
                 .filter(|(_, n)| eligible(n, p))
                 .map(|(nid, _)| *nid)
                 .collect();
+            if !avoid.is_empty() {
+                let elsewhere: Vec<&str> = cands
+                    .iter()
+                    .copied()
+                    .filter(|nid| !avoid.iter().any(|a| a == nid))
+                    .collect();
+                if !elsewhere.is_empty() {
+                    let bad_zones: Vec<&str> = avoid
+                        .iter()
+                        .filter_map(|a| nodes.get(a).and_then(|n| n.zone.as_deref()))
+                        .collect();
+                    let other_zone: Vec<&str> = elsewhere
+                        .iter()
+                        .copied()
+                        .filter(|nid| {
+                            nodes[*nid]
+                                .zone
+                                .as_deref()
+                                .is_none_or(|z| !bad_zones.contains(&z))
+                        })
+                        .collect();
+                    cands = if other_zone.is_empty() {
+                        elsewhere
+                    } else {
+                        other_zone
+                    };
+                }
+            }
             if let Some(pz) = &p.prefer_zone {
                 let preferred: Vec<&str> = cands
                     .iter()
@@ -206,7 +237,33 @@ mod tests {
     }
 
     fn run(nodes: &BTreeMap<String, NodeInfo>, ids: &[String], p: &Placement) -> Assignment {
-        assign(nodes, ids.iter().map(|i| (i.as_str(), p)))
+        assign(nodes, ids.iter().map(|i| (i.as_str(), p, &[][..])))
+    }
+
+    #[test]
+    fn avoided_nodes_are_skipped_and_other_zones_preferred() {
+        let nodes: BTreeMap<_, _> = [
+            node("a1", Some("a"), None),
+            node("a2", Some("a"), None),
+            node("b1", Some("b"), None),
+        ]
+        .into_iter()
+        .collect();
+        let p = Placement::default();
+        let avoid = ["a1".to_string()];
+        let a = assign(
+            &nodes,
+            (0..50)
+                .map(|i| format!("w{i}"))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|i| (i.as_str(), &p, &avoid[..])),
+        );
+        assert!(a.values().all(|r| r.as_deref() == Ok("b1")), "{a:?}");
+        // Avoiding everyone falls back to running it somewhere.
+        let all = ["a1".to_string(), "a2".to_string(), "b1".to_string()];
+        let a = assign(&nodes, [("x", &p, &all[..])]);
+        assert!(a["x"].is_ok());
     }
 
     fn loads(a: &Assignment) -> BTreeMap<String, usize> {

@@ -43,6 +43,11 @@ pub(crate) struct SlotInner {
     pub(crate) deleting: bool,
     /// Why it is being removed, when fenced rather than deleted.
     pub(crate) fenced: Option<Box<str>>,
+    /// On removal, CAS the state key to this record instead of deleting it.
+    pub(crate) handover: Option<bytes::Bytes>,
+    /// Carried in every state record: nodes to keep it off, and moves so far.
+    pub(crate) avoid: Vec<String>,
+    pub(crate) moves: u32,
 }
 
 impl Slot {
@@ -65,6 +70,9 @@ impl Slot {
                 actor: None,
                 deleting: false,
                 fenced: None,
+                handover: None,
+                avoid: Vec::new(),
+                moves: 0,
             }),
             sched_gen: AtomicU32::new(0),
             dirty: AtomicBool::new(false),

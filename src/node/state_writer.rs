@@ -35,6 +35,8 @@ pub(crate) enum WriteCmd {
     Adopt(Arc<str>, u64),
     Upsert(Arc<Slot>),
     Remove(Arc<str>),
+    /// Replace the key (CAS) with this record and forget it: a handover.
+    Handover(Arc<str>, Bytes),
     /// Answer once everything queued before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -43,6 +45,7 @@ enum Op {
     Adopt(u64),
     Upsert(Arc<Slot>),
     Remove,
+    Handover(Bytes),
 }
 
 enum Done {
@@ -97,15 +100,22 @@ impl Writer {
                     self.busy.insert(id);
                     return;
                 }
-                Op::Remove => {
+                Op::Remove | Op::Handover(_) => {
                     let Some(rev) = self.revisions.remove(&id) else {
                         continue;
                     };
                     let bucket = self.bucket.clone();
                     let key = id.clone();
+                    let record = match op {
+                        Op::Handover(r) => Some(r),
+                        _ => None,
+                    };
                     self.in_flight.push(
                         async move {
-                            let r = bucket.delete(&key, Some(rev)).await;
+                            let r = match record {
+                                Some(value) => bucket.update(&key, value, rev).await.map(|_| ()),
+                                None => bucket.delete(&key, Some(rev)).await,
+                            };
                             (key, Done::Removed(r))
                         }
                         .boxed(),
@@ -135,6 +145,8 @@ impl Writer {
             since: g.since,
             reason: g.reason.as_deref().map(str::to_string),
             restarts: g.restarts,
+            avoid: g.avoid.clone(),
+            moves: g.moves,
         };
         // Plain strings and numbers always serialise.
         serde_json::to_vec(&rec).ok().map(Bytes::from)
@@ -205,6 +217,7 @@ pub(crate) fn spawn(
                     Some(WriteCmd::Adopt(id, rev)) => w.enqueue(id, Op::Adopt(rev)),
                     Some(WriteCmd::Upsert(slot)) => w.enqueue(slot.id.clone(), Op::Upsert(slot)),
                     Some(WriteCmd::Remove(id)) => w.enqueue(id, Op::Remove),
+                    Some(WriteCmd::Handover(id, rec)) => w.enqueue(id, Op::Handover(rec)),
                     Some(WriteCmd::Flush(done)) => w.flushes.push(done),
                     None => {
                         // Node gone: finish what is in flight, then stop.

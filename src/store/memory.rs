@@ -198,16 +198,10 @@ impl KvBucket for MemoryBucket {
             .collect();
         drop(inner);
         initial.push(KvChange::Synced);
+        // A watcher so slow that it missed changes (`Lagged`) sees its stream
+        // end, so it watches again and gets a full replay.
         let live = stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(change) => return Some((change, rx)),
-                    // A watcher this slow has missed changes: end the stream
-                    // so the caller watches again and gets a full replay.
-                    Err(broadcast::error::RecvError::Lagged(_)) => return None,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
+            rx.recv().await.ok().map(|change| (change, rx))
         });
         Ok(stream::iter(initial).chain(live).boxed())
     }

@@ -378,6 +378,8 @@ pub struct Operator {
     pub history: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// Releases seen (a key deleted while its spec still exists).
     pub deletes: Arc<Mutex<u64>>,
+    /// The most workloads each owner ever held at once, as the watcher saw it.
+    pub max_load: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Operator {
@@ -409,6 +411,8 @@ impl Operator {
         let history: Arc<Mutex<HashMap<String, Vec<String>>>> =
             Arc::new(Mutex::new(HashMap::new()));
         let deletes = Arc::new(Mutex::new(0u64));
+        let max_load: Arc<Mutex<HashMap<String, usize>>> = Arc::new(Mutex::new(HashMap::new()));
+        let ml = max_load.clone();
         let mut watch = state.watch_with_history(">").await.unwrap();
         let (v, bad, g, h, d) = (
             view.clone(),
@@ -426,8 +430,11 @@ impl Operator {
                         let owner = rec["owner"].as_str().unwrap().to_string();
                         let status = rec["status"].as_str().unwrap().to_string();
                         if let Some((prev, _)) = v.get(&e.key) {
+                            // Handing over to an ownerless record (moving,
+                            // unplaceable) is a release, not a second owner.
                             if *prev != owner
                                 && !prev.is_empty()
+                                && !owner.is_empty()
                                 && !g.lock().unwrap().contains(prev)
                             {
                                 bad.lock().unwrap().push(format!(
@@ -441,7 +448,11 @@ impl Operator {
                         if hist.last() != Some(&owner) {
                             hist.push(owner.clone());
                         }
-                        v.insert(e.key, (owner, status));
+                        v.insert(e.key, (owner.clone(), status));
+                        let held = v.values().filter(|(o, _)| *o == owner).count();
+                        let mut ml = ml.lock().unwrap();
+                        let m = ml.entry(owner).or_insert(0);
+                        *m = (*m).max(held);
                     }
                     _ => {
                         if v.remove(&e.key).is_some() {
@@ -460,6 +471,7 @@ impl Operator {
             gone,
             history,
             deletes,
+            max_load,
         }
     }
 
