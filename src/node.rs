@@ -166,7 +166,10 @@ impl Shared {
         slot.cancel_health_checks();
         let (fenced, handover) = {
             let mut g = slot.lock();
-            (g.fenced.is_some(), g.handover.take())
+            (
+                g.fenced.is_some(),
+                g.extra.as_mut().and_then(|e| e.handover.take()),
+            )
         };
         {
             let mut reg = self.registry_mut();
@@ -416,7 +419,7 @@ impl Node {
         if slot.lock().deleting {
             return Err(NodeError::Stopping(id.to_string()));
         }
-        slot.lock().handover = Some(record);
+        slot.lock().extra_mut().handover = Some(record);
         self.shared.request_delete(&slot)
     }
 
@@ -470,9 +473,12 @@ impl Node {
         let device = sh.kinds.create(&spec)?;
         let slot = Arc::new(Slot::new(spec));
         let claimed = claimed.map(|(rev, avoid, moves)| {
-            let mut g = slot.lock();
-            g.avoid = avoid;
-            g.moves = moves;
+            if !avoid.is_empty() || moves > 0 {
+                let mut g = slot.lock();
+                let e = g.extra_mut();
+                e.avoid = avoid;
+                e.moves = moves;
+            }
             rev
         });
         {

@@ -43,11 +43,24 @@ pub(crate) struct SlotInner {
     pub(crate) deleting: bool,
     /// Why it is being removed, when fenced rather than deleted.
     pub(crate) fenced: Option<Box<str>>,
+    /// Cluster-only extras, boxed: most workloads never need them.
+    pub(crate) extra: Option<Box<SlotExtra>>,
+}
+
+/// Rarely used per-workload state, kept out of line to keep idle slots small.
+#[derive(Default)]
+pub(crate) struct SlotExtra {
     /// On removal, CAS the state key to this record instead of deleting it.
     pub(crate) handover: Option<bytes::Bytes>,
     /// Carried in every state record: nodes to keep it off, and moves so far.
     pub(crate) avoid: Vec<String>,
     pub(crate) moves: u32,
+}
+
+impl SlotInner {
+    pub(crate) fn extra_mut(&mut self) -> &mut SlotExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
 }
 
 impl Slot {
@@ -70,9 +83,7 @@ impl Slot {
                 actor: None,
                 deleting: false,
                 fenced: None,
-                handover: None,
-                avoid: Vec::new(),
-                moves: 0,
+                extra: None,
             }),
             sched_gen: AtomicU32::new(0),
             dirty: AtomicBool::new(false),

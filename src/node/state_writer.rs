@@ -145,8 +145,12 @@ impl Writer {
             since: g.since,
             reason: g.reason.as_deref().map(str::to_string),
             restarts: g.restarts,
-            avoid: g.avoid.clone(),
-            moves: g.moves,
+            avoid: g
+                .extra
+                .as_ref()
+                .map(|e| e.avoid.clone())
+                .unwrap_or_default(),
+            moves: g.extra.as_ref().map_or(0, |e| e.moves),
         };
         // Plain strings and numbers always serialise.
         serde_json::to_vec(&rec).ok().map(Bytes::from)

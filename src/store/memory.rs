@@ -47,6 +47,8 @@ struct Inner {
 pub(crate) struct MemoryBucket {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<KvChange>,
+    /// Whether entries expire (only then are write times kept).
+    expires: bool,
 }
 
 /// How often expiry is checked, as a fraction of `max_age`.
@@ -61,6 +63,7 @@ impl MemoryBucket {
                 last_revision: 0,
             }),
             changes: broadcast::channel(65_536).0,
+            expires: max_age.is_some_and(|a| !a.is_zero()),
         });
         if let Some(age) = max_age.filter(|a| !a.is_zero()) {
             // Like JetStream's max age with limit markers: an entry not
@@ -108,7 +111,9 @@ impl MemoryBucket {
         inner
             .entries
             .insert(key.to_string(), (value.clone(), revision));
-        inner.written.insert(key.to_string(), Instant::now());
+        if self.expires {
+            inner.written.insert(key.to_string(), Instant::now());
+        }
         let _ = self.changes.send(KvChange::Put(KvEntry {
             key: key.to_string(),
             value,
