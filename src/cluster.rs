@@ -46,6 +46,10 @@ use crate::{Node, NodeBuilder, NodeError, Status};
 
 pub(crate) mod placement;
 
+/// A workload taken by the grace rule stays for this many grace periods
+/// before placement may move it to its (apparently not claiming) owner again.
+const GRACE_HOLD_FACTOR: u32 = 10;
+
 /// How a node takes part in a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -226,6 +230,7 @@ impl Cluster {
             assignment_gen: 0,
             unclaimed_since: HashMap::new(),
             dead_since: HashMap::new(),
+            grace_held: HashMap::new(),
             joined: Instant::now(),
             synced: [false; 3],
             replayed: [None, None, None],
@@ -480,6 +485,9 @@ struct Coordinator {
     unclaimed_since: HashMap<String, Instant>,
     /// Since when each local workload has been dead.
     dead_since: HashMap<String, Instant>,
+    /// Workloads we took by the grace rule, and when: placement may move
+    /// them away again only after `GRACE_HOLD_FACTOR` grace periods.
+    grace_held: HashMap<String, Instant>,
     joined: Instant,
     /// Specs, nodes, state: each watch has replayed its bucket.
     synced: [bool; 3],
@@ -820,6 +828,13 @@ impl Coordinator {
                 Some(s) if self.running_rev.get(id).is_some_and(|r| *r != s.revision) => {
                     Some("spec changed".to_string())
                 }
+                Some(_)
+                    if self.grace_held.get(id).is_some_and(|t| {
+                        t.elapsed() < self.cfg.unclaimed_grace * GRACE_HOLD_FACTOR
+                    }) =>
+                {
+                    None
+                }
                 Some(_) => match self.assignment.get(id) {
                     Some(Ok(o)) if *o != self.me && handoffs < self.cfg.max_handoffs => {
                         handoffs += 1;
@@ -862,6 +877,7 @@ impl Coordinator {
         // Specs: claim what placement gives us.
         let mut to_claim = Vec::new();
         let mut to_release = Vec::new();
+        let mut graced: Vec<String> = Vec::new();
         let room = self
             .cfg
             .claim_concurrency
@@ -886,7 +902,8 @@ impl Coordinator {
                 Duration::ZERO
             };
             // Any eligible node may take a workload nobody has held for long.
-            let grace = orphan_for >= self.cfg.unclaimed_grace
+            let grace = settled
+                && orphan_for >= self.cfg.unclaimed_grace
                 && my_room > to_claim.len()
                 && me_info.as_ref().is_some_and(|i| {
                     placement::eligible(
@@ -936,10 +953,17 @@ impl Coordinator {
                 }
                 _ => continue,
             };
+            if grace && !mine {
+                graced.push(id.clone());
+            }
             to_claim.push((id.clone(), entry.revision, kind, entry.spec.clone()));
         }
         for (id, rev) in to_release {
             self.spawn_release_key(id, rev);
+        }
+        for id in graced {
+            tracing::info!(node = %self.me, workload = %id, "unclaimed past the grace period: taking it");
+            self.grace_held.insert(id, now);
         }
         for (id, spec_rev, kind, spec) in to_claim {
             self.pending.insert(id.clone());

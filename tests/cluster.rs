@@ -434,6 +434,71 @@ async fn a_device_dead_from_one_zone_is_handed_to_another_zone_with_a_move_limit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_left_unclaimed_past_the_grace_period_are_taken_by_any_eligible_node() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("g{i}")).collect();
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let join = |id: &'static str, settle: Duration| {
+        let url = server.url.clone();
+        async move {
+            let client = ottomato::nats::connect(&url, id).await.unwrap();
+            Cluster::start(
+                Node::builder().node_id(id).kind(SimKind),
+                Arc::new(NatsStore::new(client.clone())),
+                Arc::new(NatsTransport::new(client)),
+                ClusterConfig {
+                    join_settle: settle,
+                    unclaimed_grace: Duration::from_secs(3),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // `stuck` is alive (heartbeats) but will not claim for an hour: placement
+    // gives it about half the workloads, which nobody would run without the grace rule.
+    let stuck = join("stuck", Duration::from_secs(3600)).await;
+    let ok = join("ok", Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = op.running();
+        if running.len() == 40 && running.values().all(|o| o == "ok") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all 40 running on `ok`: {:?}",
+            op.view.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "the placement owner gets its chance first"
+    );
+    assert!(stuck.node().is_empty());
+    // And they stay (held for 10 grace periods), not bounced back to `stuck`.
+    let settled_at = std::time::Instant::now();
+    while settled_at.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            ok.node().len(),
+            40,
+            "a grace-claimed workload was released again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    op.assert_no_double_owner();
+    ok.stop().await;
+    stuck.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_hands_over_at_a_bounded_pace_then_leaves() {
     support::init_logs();
     let server = NatsServer::start();
