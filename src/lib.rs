@@ -13,6 +13,7 @@
 //!   with the in-memory embedded defaults.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;

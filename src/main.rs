@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use ottomato::demo::{self, DemoOptions};
 
 mod bench;
+mod commands;
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +16,8 @@ mod bench;
     after_help = "Start here:\n  ottomato demo                 # 10 000 simulated devices, in one process\n  ottomato demo --devices 100000"
 )]
 struct Cli {
+    #[command(flatten)]
+    conn: commands::Conn,
     /// Log level (error, warn, info, debug, trace); RUST_LOG wins when set.
     /// Default: info for `node`, warn otherwise.
     #[arg(long, global = true, env = "OTTOMATO_LOG_LEVEL")]
@@ -53,6 +56,23 @@ enum Command {
         after_help = "Examples:\n  ottomato node -s nats://127.0.0.1:4222\n  ottomato node -s nats://n1:4222,nats://n2:4222 --zone a --label rack=r1 --replicas 3"
     )]
     Node(Box<NodeArgs>),
+    /// Manage workload specs (the desired state).
+    #[command(subcommand)]
+    Workload(commands::WorkloadCmd),
+    /// Run tasks on one workload or a selection.
+    #[command(subcommand)]
+    Task(commands::TaskCmd),
+    /// Print workload state changes as they happen, one line each.
+    Watch {
+        /// Only ids matching this glob.
+        glob: Option<String>,
+    },
+    /// Nodes and workloads at a glance.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks that print ratios against a raw baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,14 +80,6 @@ enum Command {
 
 #[derive(clap::Args)]
 struct NodeArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        short = 's',
-        long = "server",
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    server: String,
     /// Node id (a random UUID when not given).
     #[arg(long, env = "OTTOMATO_NODE_ID")]
     node_id: Option<String>,
@@ -80,9 +92,6 @@ struct NodeArgs {
     /// Most workloads this node takes.
     #[arg(long, env = "OTTOMATO_CAPACITY")]
     capacity: Option<u32>,
-    /// Subject and bucket prefix.
-    #[arg(long, env = "OTTOMATO_PREFIX", default_value = "otto")]
-    prefix: String,
     /// Bucket replicas (3 on a 3-server NATS cluster).
     #[arg(long, env = "OTTOMATO_REPLICAS", default_value_t = 1)]
     replicas: usize,
@@ -136,23 +145,23 @@ async fn shutdown_signal() {
     ctrl_c().await;
 }
 
-async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
 
     use ottomato::nats::{connect, NatsStore, NatsTransport};
     use ottomato::subjects::Subjects;
     use ottomato::{Cluster, ClusterConfig, Node};
 
-    Subjects::validate_prefix(&args.prefix).map_err(anyhow::Error::msg)?;
+    Subjects::validate_prefix(&conn.prefix).map_err(anyhow::Error::msg)?;
     let mut builder = Node::builder()
         .kind(ottomato::actors::sim::SimKind)
-        .prefix(&args.prefix)
+        .prefix(&conn.prefix)
         .ping_splay(args.ping_splay_min, args.ping_splay_max);
     if let Some(id) = &args.node_id {
         builder = builder.node_id(id);
     }
     let name = format!("ottomato node {}", args.node_id.as_deref().unwrap_or(""));
-    let client = connect(&args.server, name.trim())
+    let client = connect(&conn.server, name.trim())
         .await
         .map_err(anyhow::Error::msg)?;
     let cfg = ClusterConfig {
@@ -177,7 +186,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     println!(
         "node {} joined the cluster at {}",
         cluster.node().id(),
-        args.server
+        conn.server
     );
     shutdown_signal().await;
     println!("draining: handing over {} workloads", cluster.node().len());
@@ -253,7 +262,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Node(args) => run_node(*args).await,
+        Command::Node(args) => run_node(&cli.conn, *args).await,
+        Command::Workload(cmd) => commands::workload(&cli.conn, cmd).await,
+        Command::Task(cmd) => {
+            if !commands::task(&cli.conn, cmd).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Watch { glob } => commands::watch(&cli.conn, glob).await,
+        Command::Status { json } => commands::status(&cli.conn, json).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

@@ -747,3 +747,152 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
         "subjects.md does not document: {missing:?}"
     );
 }
+
+/// Runs the `ottomato` binary; returns (exit code, stdout, stderr).
+fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(["-s", url])
+        .args(args)
+        .output()
+        .expect("run ottomato");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_steer_the_cluster_with_the_cli() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let url = server.url.clone();
+    let node = start_node(&url, "n1", NodeConfig::default()).await;
+    let run = |args: &[&str]| {
+        let (url, args) = (
+            url.clone(),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                cli(&url, &refs)
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    let (code, out, _) = run(&[
+        "workload",
+        "add",
+        "r1",
+        "--kind",
+        "sim",
+        "--label",
+        "site=oslo",
+    ])
+    .await;
+    assert_eq!((code, out.trim()), (0, "added r1"));
+    let (code, _, err) = run(&["workload", "add", "bad.id", "--kind", "sim"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("error: ") && err.contains("'.'") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // Import: a bad row blocks the whole file, with its line number…
+    let dir = support::TempDir::new("import");
+    let file = dir.0.join("specs.jsonl");
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&format!(
+            "{{\"id\":\"i{i:02}\",\"kind\":\"sim\",\"labels\":{{\"batch\":\"x\"}}}}\n"
+        ));
+    }
+    text.push_str("{\"id\":\"oops\"}\n");
+    std::fs::write(&file, &text).unwrap();
+    let f = file.to_str().unwrap();
+    let (code, _, err) = run(&["workload", "import", f]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 21") && err.contains("nothing written"),
+        "{err}"
+    );
+    let (_, out, _) = run(&["workload", "ls", "--json"]).await;
+    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1, "a bad file writes nothing");
+    // …unless told to skip it.
+    let (code, out, _) = run(&["workload", "import", f, "--skip-invalid"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("imported 20 workloads (1 bad rows skipped)"),
+        "{out}"
+    );
+
+    eventually(60, "21 running per `workload ls`", || {
+        async move {
+            let (_, out, _) = run(&["workload", "ls", "--status", "running", "--json"]).await;
+            let v: Vec<Value> = serde_json::from_str(&out).ok()?;
+            (v.len() == 21).then_some(())
+        }
+    })
+    .await;
+    let (code, out, _) = run(&["workload", "ls", "i0*", "--node", "n1"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 11, "header + i00..i09:\n{out}");
+
+    let (code, out, _) = run(&[
+        "task",
+        "run",
+        "r1",
+        "echo",
+        "hi",
+        "42",
+        "--kwargs",
+        "{\"k\":1}",
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let r: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["return"], json!({"args": ["hi", 42], "kwargs": {"k": 1}}));
+    let (code, _, err) = run(&["task", "run", "ghost", "echo"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no node owns it"), "{err}");
+    let (code, out, _) = run(&["task", "run", "r1", "fail"]).await;
+    assert_eq!(code, 1, "a failed task is a failed exit: {out}");
+
+    // Fan-out by label, and by glob in waves.
+    let (code, out, err) = run(&["task", "run", "--label", "site=oslo", "hello"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("r1  ok") && err.contains("summary: 1 ok, 0 failed, 0 no answer"),
+        "{out}{err}"
+    );
+    let (code, out, err) = run(&["task", "run", "--select", "i*", "hello", "--batch", "25%"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("  ok  ")).count(),
+        20,
+        "{out}"
+    );
+    assert_eq!(err.matches("wave ").count(), 4, "{err}");
+
+    let (code, out, _) = run(&["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let s: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["nodes"][0]["id"], "n1");
+    assert_eq!(s["byStatus"]["running"], 21);
+
+    let (code, _, _) = run(&["workload", "rm", "r1"]).await;
+    assert_eq!(code, 0);
+    let (code, _, err) = run(&["workload", "rm", "r1"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not found"), "{err}");
+    eventually(30, "r1 gone from the node", || async {
+        (!node.node().has_workload("r1")).then_some(())
+    })
+    .await;
+    node.stop().await;
+}
