@@ -58,12 +58,21 @@ impl Client {
     /// Connects to `urls` (comma-separated) under `prefix`, creating the
     /// buckets if this is a fresh cluster.
     pub async fn connect(urls: &str, prefix: &str) -> Result<Client, ClientError> {
+        Self::connect_with(urls, prefix, &crate::nats::Auth::default()).await
+    }
+
+    /// Connects with authentication / TLS.
+    pub async fn connect_with(
+        urls: &str,
+        prefix: &str,
+        auth: &crate::nats::Auth,
+    ) -> Result<Client, ClientError> {
         Subjects::validate_prefix(prefix).map_err(ClientError::Invalid)?;
-        let nc = crate::nats::connect(urls, "ottomato cli")
+        let nc = crate::nats::connect_with(urls, "ottomato cli", auth)
             .await
             .map_err(ClientError::Backend)?;
         let subjects = Subjects::new(prefix);
-        let store = NatsStore::new(nc.clone());
+        let store = NatsStore::for_operators(nc.clone());
         let cfg = crate::ClusterConfig::default();
         let workloads = store
             .bucket(&subjects.workloads_bucket_spec(1))

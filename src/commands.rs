@@ -26,11 +26,48 @@ pub(crate) struct Conn {
     /// Subject and bucket prefix.
     #[arg(long, env = "OTTOMATO_PREFIX", default_value = "otto", global = true)]
     pub(crate) prefix: String,
+    /// NATS user (with --password).
+    #[arg(long, env = "NATS_USER", global = true)]
+    user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File with an NKey seed.
+    #[arg(long, env = "NATS_NKEY", global = true)]
+    nkey: Option<std::path::PathBuf>,
+    /// NATS credentials file.
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    creds: Option<std::path::PathBuf>,
+    /// CA certificate for TLS.
+    #[arg(long, env = "NATS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate for TLS.
+    #[arg(long, env = "NATS_CERT", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key for TLS.
+    #[arg(long, env = "NATS_KEY", global = true)]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 impl Conn {
+    pub(crate) fn auth(&self) -> ottomato::nats::Auth {
+        ottomato::nats::Auth {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            nkey_file: self.nkey.clone(),
+            creds_file: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+
     async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.server, &self.prefix).await?)
+        Ok(Client::connect_with(&self.server, &self.prefix, &self.auth()).await?)
     }
 }
 

@@ -148,7 +148,7 @@ async fn shutdown_signal() {
 async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
 
-    use ottomato::nats::{connect, NatsStore, NatsTransport};
+    use ottomato::nats::{connect_with, NatsStore, NatsTransport};
     use ottomato::subjects::Subjects;
     use ottomato::{Cluster, ClusterConfig, Node};
 
@@ -161,7 +161,7 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
         builder = builder.node_id(id);
     }
     let name = format!("ottomato node {}", args.node_id.as_deref().unwrap_or(""));
-    let client = connect(&conn.server, name.trim())
+    let client = connect_with(&conn.server, name.trim(), &conn.auth())
         .await
         .map_err(anyhow::Error::msg)?;
     let cfg = ClusterConfig {
@@ -225,10 +225,11 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // CLI commands print their own one-line errors; the client library's log would repeat them.
     let default_level = if matches!(cli.command, Command::Node(_)) {
         "info"
     } else {
-        "warn"
+        "warn,async_nats=off"
     };
     init_logging(
         cli.log_level.as_deref().unwrap_or(default_level),

@@ -25,10 +25,99 @@ use crate::transport::{Message, RequestHandler, Transport, TransportError};
 /// server could not tell (every entry expired between status and watch).
 const WATCH_SYNC_GRACE: Duration = Duration::from_secs(2);
 
+/// How to authenticate to NATS. Secrets are never logged; `Debug` masks them.
+#[derive(Clone, Default)]
+pub struct Auth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// File holding an NKey seed (`SU…`).
+    pub nkey_file: Option<std::path::PathBuf>,
+    /// Credentials file (JWT + seed).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// CA certificate to trust (turns TLS on).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (with `tls_key`).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Client key.
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mask = |o: &Option<String>| o.as_ref().map(|_| "***");
+        f.debug_struct("Auth")
+            .field("user", &self.user)
+            .field("password", &mask(&self.password))
+            .field("token", &mask(&self.token))
+            .field("nkey_file", &self.nkey_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .finish()
+    }
+}
+
+impl Auth {
+    async fn apply(
+        &self,
+        mut o: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, String> {
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("user and password go together: give both".into())
+            }
+            _ => {}
+        }
+        if let Some(t) = &self.token {
+            o = o.token(t.clone());
+        }
+        if let Some(path) = &self.nkey_file {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read NKey seed file {}: {e}", path.display()))?;
+            o = o.nkey(seed.trim().to_string());
+        }
+        if let Some(path) = &self.creds_file {
+            o = o
+                .credentials_file(path)
+                .await
+                .map_err(|e| format!("cannot use credentials file {}: {e}", path.display()))?;
+        }
+        if let Some(ca) = &self.tls_ca {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => {
+                o = o
+                    .add_client_certificate(c.clone(), k.clone())
+                    .require_tls(true)
+            }
+            (None, None) => {}
+            _ => return Err("TLS client certificate and key go together: give both".into()),
+        }
+        Ok(o)
+    }
+}
+
 /// Connects to NATS: `urls` is one or more comma-separated server URLs.
 pub async fn connect(urls: &str, name: &str) -> Result<async_nats::Client, String> {
+    connect_with(urls, name, &Auth::default()).await
+}
+
+/// Connects to NATS with authentication / TLS.
+pub async fn connect_with(
+    urls: &str,
+    name: &str,
+    auth: &Auth,
+) -> Result<async_nats::Client, String> {
     let servers = parse_servers(urls)?;
-    async_nats::ConnectOptions::new()
+    auth.apply(async_nats::ConnectOptions::new())
+        .await?
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
@@ -66,13 +155,27 @@ pub fn parse_servers(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> 
 #[derive(Clone)]
 pub struct NatsStore {
     js: jetstream::Context,
+    /// Create or update buckets (nodes) or only open existing ones first
+    /// (operators, who may lack the right to create streams).
+    open_first: bool,
 }
 
 impl NatsStore {
-    /// A store on this connection.
+    /// A store on this connection that creates buckets (and updates their
+    /// settings) as needed: what nodes use.
     pub fn new(client: async_nats::Client) -> Self {
         NatsStore {
             js: jetstream::new(client),
+            open_first: false,
+        }
+    }
+
+    /// A store that opens existing buckets and creates one only when it is
+    /// missing: what operator tools use (they need no stream-admin rights).
+    pub fn for_operators(client: async_nats::Client) -> Self {
+        NatsStore {
+            js: jetstream::new(client),
+            open_first: true,
         }
     }
 }
@@ -99,6 +202,11 @@ impl StateStore for NatsStore {
             limit_markers: spec.max_age.map(|ttl| ttl.max(Duration::from_secs(1))),
             ..Default::default()
         };
+        if self.open_first {
+            if let Ok(store) = self.js.get_key_value(&spec.name).await {
+                return Ok(Arc::new(NatsBucket { store }));
+            }
+        }
         let store = self
             .js
             .create_or_update_key_value(config)

@@ -830,12 +830,10 @@ async fn operators_steer_the_cluster_with_the_cli() {
         "{out}"
     );
 
-    eventually(60, "21 running per `workload ls`", || {
-        async move {
-            let (_, out, _) = run(&["workload", "ls", "--status", "running", "--json"]).await;
-            let v: Vec<Value> = serde_json::from_str(&out).ok()?;
-            (v.len() == 21).then_some(())
-        }
+    eventually(60, "21 running per `workload ls`", || async move {
+        let (_, out, _) = run(&["workload", "ls", "--status", "running", "--json"]).await;
+        let v: Vec<Value> = serde_json::from_str(&out).ok()?;
+        (v.len() == 21).then_some(())
     })
     .await;
     let (code, out, _) = run(&["workload", "ls", "i0*", "--node", "n1"]).await;

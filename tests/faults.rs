@@ -441,3 +441,163 @@ async fn scale_out_from_three_to_four_moves_a_quarter_and_ends_balanced() {
     assert!((max - min) as f64 <= 0.01 * ideal, "unbalanced: {load:?}");
     op.assert_no_double_owner();
 }
+
+/// The permission lists of one role, read from subjects.md: the doc is what is tested.
+fn role_permissions(doc: &str, role: &str) -> (Vec<String>, Vec<String>) {
+    let section = doc
+        .split(&format!("**{role}**"))
+        .nth(1)
+        .expect("role in subjects.md");
+    let block = section
+        .split("```text")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("permission block");
+    let (mut publish, mut subscribe) = (vec![], vec![]);
+    let mut current = &mut publish;
+    for line in block.lines().map(str::trim) {
+        match line {
+            "publish:" => current = &mut publish,
+            "subscribe:" => current = &mut subscribe,
+            _ => current.extend(line.split_whitespace().map(str::to_string)),
+        }
+    }
+    (publish, subscribe)
+}
+
+/// The permissions subjects.md recommends, as a nats-server authorization block.
+fn auth_conf() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/subjects.md")).unwrap();
+    let quote = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let user = |name: &str, pw: &str, role: &str| {
+        let (p, s) = role_permissions(&doc, role);
+        assert!(!p.is_empty() && !s.is_empty(), "{role}: empty permissions");
+        format!(
+            "{{ user: {name}, password: {pw}, permissions: {{ publish: [{}], subscribe: [{}] }} }}",
+            quote(&p),
+            quote(&s)
+        )
+    };
+    format!(
+        "authorization {{\n  users = [\n    {},\n    {},\n    {}\n  ]\n}}\n",
+        user("node", "npw", "Worker node"),
+        user("op", "opw", "Operator client"),
+        user("watcher", "wpw", "Read-only watcher")
+    )
+}
+
+fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(["-s", url])
+        .args(args)
+        .output()
+        .expect("run ottomato");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
+    support::init_logs();
+    let logs = TempDir::new("logs");
+    let conf = logs.0.join("auth.conf");
+    std::fs::write(&conf, auth_conf()).unwrap();
+    let server =
+        NatsServer::start_with(None, TempDir::new("nats"), &["-c", conf.to_str().unwrap()]);
+    let url = server.url.clone();
+    let _node = NodeProc::start(
+        &url,
+        "n1",
+        &logs.0,
+        &["--user", "node", "--password", "npw"],
+    );
+    let op = ["--user", "op", "--password", "opw"];
+    let run = |args: Vec<&'static str>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || cli(&url, &args))
+    };
+    // The node creates the buckets; then the operator adds a workload and runs a task.
+    eventually(30, "the node registered", || async {
+        let (code, out, _) = run([&op[..], &["status", "--json"]].concat())
+            .await
+            .unwrap();
+        (code == 0 && out.contains("\"n1\"")).then_some(())
+    })
+    .await;
+    let (code, _, err) = run([&op[..], &["workload", "add", "w1", "--kind", "sim"]].concat())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let out = eventually(30, "w1 answers", || async {
+        let (code, out, _) = run([&op[..], &["task", "run", "w1", "hello"]].concat())
+            .await
+            .unwrap();
+        (code == 0).then_some(out)
+    })
+    .await;
+    assert!(out.contains("hello from w1"), "{out}");
+    let (code, out, _) = run(vec![
+        "--user",
+        "watcher",
+        "--password",
+        "wpw",
+        "workload",
+        "ls",
+        "--json",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains("\"running\""), "{out}");
+
+    // The operator can't write state; the watcher can't add workloads.
+    let nc = async_nats::ConnectOptions::with_user_and_password("op".into(), "opw".into())
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut js = async_nats::jetstream::new(nc);
+    js.set_timeout(Duration::from_secs(2));
+    let state = js.get_key_value("otto_state").await.unwrap();
+    assert!(
+        state.put("w1", Bytes::from_static(b"{}")).await.is_err(),
+        "operator wrote otto_state"
+    );
+    let (code, _, err) = run(vec![
+        "--user",
+        "watcher",
+        "--password",
+        "wpw",
+        "workload",
+        "add",
+        "w2",
+        "--kind",
+        "sim",
+    ])
+    .await
+    .unwrap();
+    assert_ne!(code, 0, "the watcher added a workload");
+    assert!(!err.is_empty());
+
+    // Wrong or missing credentials: one clear line, non-zero exit.
+    for args in [
+        vec!["--user", "op", "--password", "nope", "status"],
+        vec!["status"],
+    ] {
+        let (code, _, err) = run(args).await.unwrap();
+        assert_eq!(code, 1);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: cannot connect to NATS")
+                && err.to_lowercase().contains("authoriz"),
+            "{err}"
+        );
+    }
+}
