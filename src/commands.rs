@@ -11,45 +11,42 @@ use ottomato::wire::{glob_match, FanoutRequest, TaskRequest, TaskResult};
 use ottomato::WorkloadSpec;
 use serde_json::{Map, Value};
 
+/// The NATS server used when none is given.
+pub(crate) const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
+
 /// Where the cluster is.
 #[derive(Args, Clone)]
 pub(crate) struct Conn {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        short = 's',
-        long = "server",
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    pub(crate) server: String,
-    /// Subject and bucket prefix.
-    #[arg(long, env = "OTTOMATO_PREFIX", default_value = "otto", global = true)]
-    pub(crate) prefix: String,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(short = 's', long = "server", env = "NATS_URL", global = true)]
+    pub(crate) server: Option<String>,
+    /// Subject and bucket prefix [default: otto].
+    #[arg(long, env = "OTTOMATO_PREFIX", global = true)]
+    pub(crate) prefix: Option<String>,
     /// NATS user (with --password).
     #[arg(long, env = "NATS_USER", global = true)]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// NATS password.
     #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
-    password: Option<String>,
+    pub(crate) password: Option<String>,
     /// NATS token.
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// File with an NKey seed.
     #[arg(long, env = "NATS_NKEY", global = true)]
-    nkey: Option<std::path::PathBuf>,
+    pub(crate) nkey: Option<std::path::PathBuf>,
     /// NATS credentials file.
     #[arg(long, env = "NATS_CREDS", global = true)]
-    creds: Option<std::path::PathBuf>,
+    pub(crate) creds: Option<std::path::PathBuf>,
     /// CA certificate for TLS.
     #[arg(long, env = "NATS_CA", global = true)]
-    tls_ca: Option<std::path::PathBuf>,
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
     /// Client certificate for TLS.
     #[arg(long, env = "NATS_CERT", global = true)]
-    tls_cert: Option<std::path::PathBuf>,
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
     /// Client key for TLS.
     #[arg(long, env = "NATS_KEY", global = true)]
-    tls_key: Option<std::path::PathBuf>,
+    pub(crate) tls_key: Option<std::path::PathBuf>,
 }
 
 impl Conn {
@@ -67,7 +64,9 @@ impl Conn {
     }
 
     async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect_with(&self.server, &self.prefix, &self.auth()).await?)
+        let server = self.server.as_deref().unwrap_or(DEFAULT_SERVER);
+        let prefix = self.prefix.as_deref().unwrap_or("otto");
+        Ok(Client::connect_with(server, prefix, &self.auth()).await?)
     }
 }
 

@@ -80,46 +80,253 @@ enum Command {
 
 #[derive(clap::Args)]
 struct NodeArgs {
+    /// TOML file with any of these settings (keys as the long flags, with
+    /// `_` for `-`); the environment overrides it, flags override both.
+    #[arg(long, env = "OTTOMATO_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Print the effective settings (secrets masked) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Node id (a random UUID when not given).
     #[arg(long, env = "OTTOMATO_NODE_ID")]
     node_id: Option<String>,
     /// Availability zone of this node.
     #[arg(long, env = "OTTOMATO_ZONE")]
     zone: Option<String>,
-    /// Node label, key=value (repeatable).
-    #[arg(long = "label", value_parser = parse_kv)]
+    /// Node label, key=value (repeatable; env: comma-separated).
+    #[arg(long = "label", env = "OTTOMATO_LABELS", value_delimiter = ',', value_parser = parse_kv)]
     labels: Vec<(String, String)>,
     /// Most workloads this node takes.
     #[arg(long, env = "OTTOMATO_CAPACITY")]
     capacity: Option<u32>,
-    /// Bucket replicas (3 on a 3-server NATS cluster).
-    #[arg(long, env = "OTTOMATO_REPLICAS", default_value_t = 1)]
-    replicas: usize,
-    /// Membership heartbeat, e.g. 1s.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    heartbeat: Duration,
-    /// Membership TTL: a node silent this long is gone, e.g. 5s.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    ttl: Duration,
-    /// Shortest interval between two pings of a workload.
-    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
-    ping_splay_min: Duration,
-    /// Longest interval between two pings of a workload.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    ping_splay_max: Duration,
-    /// Workloads handed over at once when rebalancing or draining.
-    #[arg(long, default_value_t = 64)]
-    max_handoffs: usize,
+    /// Bucket replicas (3 on a 3-server NATS cluster) [default: 1].
+    #[arg(long, env = "OTTOMATO_REPLICAS")]
+    replicas: Option<usize>,
+    /// Membership heartbeat [default: 1s].
+    #[arg(long, env = "OTTOMATO_HEARTBEAT", value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
+    /// Membership TTL: a node silent this long is gone [default: 5s].
+    #[arg(long, env = "OTTOMATO_TTL", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Shortest interval between two pings of a workload [default: 8s].
+    #[arg(long, env = "OTTOMATO_PING_SPLAY_MIN", value_parser = humantime::parse_duration)]
+    ping_splay_min: Option<Duration>,
+    /// Longest interval between two pings of a workload [default: 10s].
+    #[arg(long, env = "OTTOMATO_PING_SPLAY_MAX", value_parser = humantime::parse_duration)]
+    ping_splay_max: Option<Duration>,
+    /// How long one ping may take [default: 10s].
+    #[arg(long, env = "OTTOMATO_PING_TIMEOUT", value_parser = humantime::parse_duration)]
+    ping_timeout: Option<Duration>,
+    /// How long one init may take [default: 25s].
+    #[arg(long, env = "OTTOMATO_INIT_TIMEOUT", value_parser = humantime::parse_duration)]
+    init_timeout: Option<Duration>,
+    /// Default task deadline [default: 30s].
+    #[arg(long, env = "OTTOMATO_TASK_TIMEOUT", value_parser = humantime::parse_duration)]
+    task_timeout: Option<Duration>,
+    /// Workloads handed over at once when rebalancing or draining [default: 64].
+    #[arg(long, env = "OTTOMATO_MAX_HANDOFFS")]
+    max_handoffs: Option<usize>,
     /// Hand a workload dead here this long to another node (another zone
     /// preferred) to try, e.g. 60s; off when not given.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OTTOMATO_MOVE_DEAD_AFTER", value_parser = humantime::parse_duration)]
     move_dead_after: Option<Duration>,
-    /// How many times one workload may be handed on for being dead.
-    #[arg(long, default_value_t = 2)]
+    /// How many times one workload may be handed on for being dead [default: 2].
+    #[arg(long, env = "OTTOMATO_MAX_MOVES")]
+    max_moves: Option<u32>,
+    /// On SIGINT/SIGTERM, how long to drain before leaving anyway [default: 60s].
+    #[arg(long, env = "OTTOMATO_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+}
+
+/// Node settings as written in a `--config` TOML file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    server: Option<String>,
+    prefix: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    nkey: Option<std::path::PathBuf>,
+    creds: Option<std::path::PathBuf>,
+    tls_ca: Option<std::path::PathBuf>,
+    tls_cert: Option<std::path::PathBuf>,
+    tls_key: Option<std::path::PathBuf>,
+    node_id: Option<String>,
+    zone: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    capacity: Option<u32>,
+    replicas: Option<usize>,
+    heartbeat: Option<String>,
+    ttl: Option<String>,
+    ping_splay_min: Option<String>,
+    ping_splay_max: Option<String>,
+    ping_timeout: Option<String>,
+    init_timeout: Option<String>,
+    task_timeout: Option<String>,
+    max_handoffs: Option<usize>,
+    move_dead_after: Option<String>,
+    max_moves: Option<u32>,
+    drain_timeout: Option<String>,
+}
+
+/// The effective node settings: flags > environment > file > defaults.
+#[derive(serde::Serialize)]
+struct NodeSettings {
+    server: String,
+    prefix: String,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    nkey: Option<std::path::PathBuf>,
+    creds: Option<std::path::PathBuf>,
+    tls_ca: Option<std::path::PathBuf>,
+    tls_cert: Option<std::path::PathBuf>,
+    tls_key: Option<std::path::PathBuf>,
+    node_id: Option<String>,
+    zone: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+    capacity: Option<u32>,
+    replicas: usize,
+    #[serde(with = "human")]
+    heartbeat: Duration,
+    #[serde(with = "human")]
+    ttl: Duration,
+    #[serde(with = "human")]
+    ping_splay_min: Duration,
+    #[serde(with = "human")]
+    ping_splay_max: Duration,
+    #[serde(with = "human")]
+    ping_timeout: Duration,
+    #[serde(with = "human")]
+    init_timeout: Duration,
+    #[serde(with = "human")]
+    task_timeout: Duration,
+    max_handoffs: usize,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "human_opt")]
+    move_dead_after: Option<Duration>,
     max_moves: u32,
-    /// On SIGINT/SIGTERM, how long to drain before leaving anyway.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(with = "human")]
     drain_timeout: Duration,
+}
+
+mod human {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+fn human_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.collect_str(&humantime::format_duration(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+fn resolve(conn: &commands::Conn, a: &NodeArgs) -> anyhow::Result<NodeSettings> {
+    let file: NodeFile = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => NodeFile::default(),
+    };
+    let dur = |flag: Option<Duration>,
+               file: &Option<String>,
+               name: &str,
+               default: &str|
+     -> anyhow::Result<Duration> {
+        if let Some(d) = flag {
+            return Ok(d);
+        }
+        let text = file.as_deref().unwrap_or(default);
+        humantime::parse_duration(text).map_err(|e| anyhow::anyhow!("{name} = {text:?}: {e}"))
+    };
+    let c = conn.clone();
+    let mut labels = file.labels.clone();
+    labels.extend(a.labels.iter().cloned());
+    Ok(NodeSettings {
+        server: c
+            .server
+            .or(file.server)
+            .unwrap_or_else(|| commands::DEFAULT_SERVER.into()),
+        prefix: c.prefix.or(file.prefix).unwrap_or_else(|| "otto".into()),
+        user: c.user.or(file.user),
+        password: c.password.or(file.password),
+        token: c.token.or(file.token),
+        nkey: c.nkey.or(file.nkey),
+        creds: c.creds.or(file.creds),
+        tls_ca: c.tls_ca.or(file.tls_ca),
+        tls_cert: c.tls_cert.or(file.tls_cert),
+        tls_key: c.tls_key.or(file.tls_key),
+        node_id: a.node_id.clone().or(file.node_id),
+        zone: a.zone.clone().or(file.zone),
+        labels,
+        capacity: a.capacity.or(file.capacity),
+        replicas: a.replicas.or(file.replicas).unwrap_or(1),
+        heartbeat: dur(a.heartbeat, &file.heartbeat, "heartbeat", "1s")?,
+        ttl: dur(a.ttl, &file.ttl, "ttl", "5s")?,
+        ping_splay_min: dur(
+            a.ping_splay_min,
+            &file.ping_splay_min,
+            "ping_splay_min",
+            "8s",
+        )?,
+        ping_splay_max: dur(
+            a.ping_splay_max,
+            &file.ping_splay_max,
+            "ping_splay_max",
+            "10s",
+        )?,
+        ping_timeout: dur(a.ping_timeout, &file.ping_timeout, "ping_timeout", "10s")?,
+        init_timeout: dur(a.init_timeout, &file.init_timeout, "init_timeout", "25s")?,
+        task_timeout: dur(a.task_timeout, &file.task_timeout, "task_timeout", "30s")?,
+        max_handoffs: a.max_handoffs.or(file.max_handoffs).unwrap_or(64),
+        move_dead_after: match a.move_dead_after {
+            Some(d) => Some(d),
+            None => file
+                .move_dead_after
+                .as_deref()
+                .map(humantime::parse_duration)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("move_dead_after: {e}"))?,
+        },
+        max_moves: a.max_moves.or(file.max_moves).unwrap_or(2),
+        drain_timeout: dur(a.drain_timeout, &file.drain_timeout, "drain_timeout", "60s")?,
+    })
+}
+
+impl NodeSettings {
+    fn auth(&self) -> ottomato::nats::Auth {
+        ottomato::nats::Auth {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            nkey_file: self.nkey.clone(),
+            creds_file: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+
+    /// TOML of the settings with secrets masked.
+    fn masked_toml(&self) -> anyhow::Result<String> {
+        let mut v = toml::Value::try_from(self)?;
+        if let Some(t) = v.as_table_mut() {
+            for secret in ["password", "token"] {
+                if t.contains_key(secret) {
+                    t.insert(secret.into(), toml::Value::String("***".into()));
+                }
+            }
+        }
+        Ok(toml::to_string(&v)?)
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -150,30 +357,41 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
 
     use ottomato::nats::{connect_with, NatsStore, NatsTransport};
     use ottomato::subjects::Subjects;
-    use ottomato::{Cluster, ClusterConfig, Node};
+    use ottomato::{Cluster, ClusterConfig, Node, NodeConfig};
 
-    Subjects::validate_prefix(&conn.prefix).map_err(anyhow::Error::msg)?;
-    let mut builder = Node::builder()
-        .kind(ottomato::actors::sim::SimKind)
-        .prefix(&conn.prefix)
-        .ping_splay(args.ping_splay_min, args.ping_splay_max);
-    if let Some(id) = &args.node_id {
-        builder = builder.node_id(id);
+    let st = resolve(conn, &args)?;
+    if args.print_config {
+        print!("{}", st.masked_toml()?);
+        return Ok(());
     }
-    let name = format!("ottomato node {}", args.node_id.as_deref().unwrap_or(""));
-    let client = connect_with(&conn.server, name.trim(), &conn.auth())
+    Subjects::validate_prefix(&st.prefix).map_err(anyhow::Error::msg)?;
+    let node_cfg = NodeConfig {
+        node_id: st.node_id.clone().unwrap_or_default(),
+        ping_splay_min: st.ping_splay_min,
+        ping_splay_max: st.ping_splay_max,
+        ping_timeout: st.ping_timeout,
+        init_timeout: st.init_timeout,
+        task_timeout: st.task_timeout,
+        ..Default::default()
+    };
+    let builder = Node::builder()
+        .config(node_cfg)
+        .kind(ottomato::actors::sim::SimKind)
+        .prefix(&st.prefix);
+    let name = format!("ottomato node {}", st.node_id.as_deref().unwrap_or(""));
+    let client = connect_with(&st.server, name.trim(), &st.auth())
         .await
         .map_err(anyhow::Error::msg)?;
     let cfg = ClusterConfig {
-        heartbeat: args.heartbeat,
-        node_ttl: args.ttl,
-        zone: args.zone,
-        labels: args.labels.into_iter().collect(),
-        capacity: args.capacity,
-        replicas: args.replicas,
-        max_handoffs: args.max_handoffs,
-        move_dead_after: args.move_dead_after,
-        max_moves: args.max_moves,
+        heartbeat: st.heartbeat,
+        node_ttl: st.ttl,
+        zone: st.zone.clone(),
+        labels: st.labels.clone(),
+        capacity: st.capacity,
+        replicas: st.replicas,
+        max_handoffs: st.max_handoffs,
+        move_dead_after: st.move_dead_after,
+        max_moves: st.max_moves,
         ..Default::default()
     };
     let cluster = Cluster::start(
@@ -186,11 +404,11 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
     println!(
         "node {} joined the cluster at {}",
         cluster.node().id(),
-        conn.server
+        st.server
     );
     shutdown_signal().await;
     println!("draining: handing over {} workloads", cluster.node().len());
-    cluster.drain(args.drain_timeout).await;
+    cluster.drain(st.drain_timeout).await;
     println!("left cleanly");
     Ok(())
 }

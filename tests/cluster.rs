@@ -894,3 +894,46 @@ async fn operators_steer_the_cluster_with_the_cli() {
     .await;
     node.stop().await;
 }
+
+#[test]
+fn node_settings_come_from_file_env_and_flags_with_flags_winning() {
+    let dir = support::TempDir::new("cfg");
+    let file = dir.0.join("node.toml");
+    std::fs::write(
+        &file,
+        "server = \"nats://10.0.0.1:4222\"\nzone = \"a\"\nuser = \"node\"\npassword = \"s3cret\"\nheartbeat = \"2s\"\nttl = \"10s\"\n[labels]\nrack = \"r1\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args([
+            "node",
+            "--config",
+            file.to_str().unwrap(),
+            "--ttl",
+            "12s",
+            "--print-config",
+        ])
+        .env("OTTOMATO_ZONE", "b")
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(v["server"].as_str(), Some("nats://10.0.0.1:4222"), "file");
+    assert_eq!(v["zone"].as_str(), Some("b"), "environment beats file");
+    assert_eq!(v["ttl"].as_str(), Some("12s"), "flag beats file");
+    assert_eq!(v["heartbeat"].as_str(), Some("2s"));
+    assert_eq!(v["labels"]["rack"].as_str(), Some("r1"));
+    assert_eq!(v["ping_splay_min"].as_str(), Some("8s"), "default");
+    assert_eq!(v["password"].as_str(), Some("***"), "secrets are masked");
+    assert!(!text.contains("s3cret"));
+    // A typo in the file is a clear error naming the key.
+    std::fs::write(&file, "heartbaet = \"1s\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(["node", "--config", file.to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `heartbaet`"));
+}
