@@ -355,7 +355,7 @@ async fn shutdown_signal() {
 async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
 
-    use ottomato::nats::{connect_with, NatsStore, NatsTransport};
+    use ottomato::nats::{connect_patiently, NatsStore, NatsTransport};
     use ottomato::subjects::Subjects;
     use ottomato::{Cluster, ClusterConfig, Node, NodeConfig};
 
@@ -379,7 +379,7 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
         .kind(ottomato::actors::sim::SimKind)
         .prefix(&st.prefix);
     let name = format!("ottomato node {}", st.node_id.as_deref().unwrap_or(""));
-    let client = connect_with(&st.server, name.trim(), &st.auth())
+    let client = connect_patiently(&st.server, name.trim(), &st.auth(), Duration::from_secs(60))
         .await
         .map_err(anyhow::Error::msg)?;
     let cfg = ClusterConfig {

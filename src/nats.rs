@@ -109,6 +109,31 @@ pub async fn connect(urls: &str, name: &str) -> Result<async_nats::Client, Strin
     connect_with(urls, name, &Auth::default()).await
 }
 
+/// Connects, retrying for up to `patience` while the servers are not
+/// reachable yet (a node started together with its NATS servers). Any
+/// other error (authorization, bad URL, TLS) fails at once.
+pub async fn connect_patiently(
+    urls: &str,
+    name: &str,
+    auth: &Auth,
+    patience: Duration,
+) -> Result<async_nats::Client, String> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match connect_with(urls, name, auth).await {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && (e.contains("IO error") || e.contains("timed out")) =>
+            {
+                tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Connects to NATS with authentication / TLS.
 pub async fn connect_with(
     urls: &str,

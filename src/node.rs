@@ -753,10 +753,20 @@ impl NodeBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn StateStore>);
-        let bucket = store
-            .bucket(&subjects.state_bucket_spec_with(self.state_replicas.max(1)))
-            .await
-            .map_err(|e| NodeError::Backend(e.to_string()))?;
+        // A NATS cluster still electing its JetStream leader refuses bucket
+        // creation for a while: retry for up to 30 s.
+        let spec = subjects.state_bucket_spec_with(self.state_replicas.max(1));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let bucket = loop {
+            match store.bucket(&spec).await {
+                Ok(b) => break b,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(bucket = %spec.name, error = %e, "bucket not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(NodeError::Backend(e.to_string())),
+            }
+        };
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(MemoryTransport::new()) as Arc<dyn Transport>);

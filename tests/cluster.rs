@@ -937,3 +937,111 @@ fn node_settings_come_from_file_env_and_flags_with_flags_winning() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `heartbaet`"));
 }
+
+/// The long options `ottomato <cmd> --help` lists.
+fn cli_options(cmd: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(cmd)
+        .arg("--help")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| {
+            w.trim_end_matches(',')
+                .split('=')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn docker_compose_describes_a_real_topology_with_real_cli_options() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap();
+    let mut doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).expect("docker-compose.yml is YAML");
+    doc.apply_merge().expect("YAML merge keys resolve");
+    let services = doc["services"].as_mapping().expect("services");
+    let cmd = |name: &str| -> Vec<String> {
+        serde_yaml::from_value(doc["services"][name]["command"].clone()).unwrap_or_default()
+    };
+    // Three NATS servers, clustered, JetStream on, each routed to the other two.
+    let nats: Vec<&str> = ["nats-1", "nats-2", "nats-3"].to_vec();
+    for n in &nats {
+        assert!(services.contains_key(*n), "service {n}");
+        let c = cmd(n);
+        assert!(c.contains(&"-js".to_string()), "{n}: JetStream");
+        let pos = |flag: &str| c.iter().position(|a| a == flag).map(|i| c[i + 1].clone());
+        assert_eq!(pos("-n").as_deref(), Some(*n), "{n}: server name");
+        assert_eq!(pos("--cluster_name").as_deref(), Some("otto"));
+        assert!(pos("--cluster").is_some(), "{n}: cluster listen");
+        let routes = pos("--routes").expect("routes");
+        for other in nats.iter().filter(|o| *o != n) {
+            assert!(
+                routes.contains(&format!("nats://{other}:6222")),
+                "{n} routes to {other}"
+            );
+        }
+    }
+    // Three worker nodes in two zones, with options the binary really has.
+    let node_opts = cli_options(&["node"]);
+    let mut zones = std::collections::BTreeSet::new();
+    let workers: Vec<String> = services
+        .keys()
+        .filter_map(|k| k.as_str())
+        .filter(|k| cmd(k).first().map(String::as_str) == Some("node"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    for w in &workers {
+        let c = cmd(w);
+        for flag in c.iter().filter(|a| a.starts_with("--")) {
+            assert!(
+                node_opts.contains(flag),
+                "{w}: `ottomato node` has no {flag}"
+            );
+        }
+        let zone = c
+            .iter()
+            .position(|a| a == "--zone")
+            .map(|i| c[i + 1].clone())
+            .expect("zone");
+        zones.insert(zone);
+        assert_eq!(
+            c.iter()
+                .position(|a| a == "--replicas")
+                .map(|i| c[i + 1].as_str()),
+            Some("3")
+        );
+        let url = doc["services"][w.as_str()]["environment"]["NATS_URL"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            nats.iter()
+                .all(|n| url.contains(&format!("nats://{n}:4222"))),
+            "{w}: {url}"
+        );
+    }
+    assert_eq!(zones.len(), 2, "two zones: {zones:?}");
+    // The loader imports 10 000 devices with the real import command.
+    let loader: Vec<String> = cmd("loader");
+    let script = loader.join(" ");
+    assert!(
+        script.contains("10000") && script.contains("ottomato workload import"),
+        "{script}"
+    );
+    assert!(cli_options(&["workload", "import"]).contains(&"--skip-invalid".to_string()));
+    // The image: multi-stage, release build, the binary as entrypoint.
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    assert!(
+        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")) >= 2
+    );
+    assert!(
+        dockerfile.contains("cargo build --release")
+            && dockerfile.contains("ENTRYPOINT [\"ottomato\"]")
+    );
+}
