@@ -20,6 +20,7 @@ cleanup() {
     if [ -z "${KEEP:-}" ]; then rm -rf "$DIR"; else echo "logs kept in $DIR" >&2; fi
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 # Ports: clients 14222-14224, routes 16222-16224 (all on 127.0.0.1).
 for i in 1 2 3; do
@@ -30,6 +31,14 @@ for i in 1 2 3; do
         --cluster_name otto --cluster "nats://127.0.0.1:$((16221 + i))" --routes "$routes" \
         >"$DIR/nats-$i.log" 2>&1 &
     PIDS+=($!)
+done
+for i in 1 2 3; do
+    for _ in $(seq 1 50); do grep -q "Server is ready" "$DIR/nats-$i.log" && break; sleep 0.2; done
+    if ! grep -q "Server is ready" "$DIR/nats-$i.log"; then
+        echo "nats-$i did not start (port $((14221 + i)) in use?):" >&2
+        tail -n 5 "$DIR/nats-$i.log" >&2
+        exit 1
+    fi
 done
 export NATS_URL=nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224
 export RUST_LOG=ottomato=info
