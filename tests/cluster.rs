@@ -748,20 +748,6 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
     );
 }
 
-/// Runs the `ottomato` binary; returns (exit code, stdout, stderr).
-fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
-        .args(["-s", url])
-        .args(args)
-        .output()
-        .expect("run ottomato");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_steer_the_cluster_with_the_cli() {
     support::init_logs();
@@ -776,7 +762,7 @@ async fn operators_steer_the_cluster_with_the_cli() {
         async move {
             tokio::task::spawn_blocking(move || {
                 let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                cli(&url, &refs)
+                support::cli(&url, &refs)
             })
             .await
             .unwrap()

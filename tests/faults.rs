@@ -263,12 +263,7 @@ async fn a_nats_server_restart_loses_nothing() {
 
     let owners = settle(&op, &ids, Duration::from_secs(3), 90).await;
     // No spec lost.
-    let mut keys = op.specs.keys().await.unwrap();
-    let mut n = 0;
-    while let Some(Ok(_)) = futures::StreamExt::next(&mut keys).await {
-        n += 1;
-    }
-    assert_eq!(n, ids.len());
+    assert_eq!(op.spec_count().await, ids.len());
     answered_by_owners(&op, &owners).await;
     let bad = double_runs(&read_trace(&trace));
     assert!(
@@ -329,12 +324,7 @@ async fn losing_one_server_of_a_three_server_cluster_is_survived() {
     servers[0].take(); // killed and cleaned
     let owners = settle(&op, &ids, Duration::from_secs(3), 120).await;
     answered_by_owners(&op, &owners).await;
-    let mut keys = op.specs.keys().await.unwrap();
-    let mut n = 0;
-    while let Some(Ok(_)) = futures::StreamExt::next(&mut keys).await {
-        n += 1;
-    }
-    assert_eq!(n, ids.len(), "a spec was lost");
+    assert_eq!(op.spec_count().await, ids.len(), "a spec was lost");
     let bad = double_runs(&read_trace(&trace));
     assert!(
         bad.is_empty(),
@@ -491,19 +481,6 @@ fn auth_conf() -> String {
     )
 }
 
-fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
-        .args(["-s", url])
-        .args(args)
-        .output()
-        .expect("run ottomato");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
     support::init_logs();
@@ -522,7 +499,7 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
     let op = ["--user", "op", "--password", "opw"];
     let run = |args: Vec<&'static str>| {
         let url = url.clone();
-        tokio::task::spawn_blocking(move || cli(&url, &args))
+        tokio::task::spawn_blocking(move || support::cli(&url, &args))
     };
     // The node creates the buckets; then the operator adds a workload and runs a task.
     eventually(30, "the node registered", || async {

@@ -526,3 +526,29 @@ impl Operator {
         );
     }
 }
+
+/// Runs the `ottomato` binary against `url`; returns (exit code, stdout, stderr).
+pub fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(["-s", url])
+        .args(args)
+        .output()
+        .expect("run ottomato");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Operator {
+    /// How many specs the workloads bucket holds.
+    pub async fn spec_count(&self) -> usize {
+        let mut keys = self.specs.keys().await.unwrap();
+        let mut n = 0;
+        while let Some(Ok(_)) = keys.next().await {
+            n += 1;
+        }
+        n
+    }
+}
