@@ -1031,3 +1031,71 @@ fn docker_compose_describes_a_real_topology_with_real_cli_options() {
             && dockerfile.contains("ENTRYPOINT [\"ottomato\"]")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_one_line_per_state_change() {
+    use std::io::BufRead;
+    support::init_logs();
+    let server = NatsServer::start();
+    let node = start_node(&server.url, "n1", NodeConfig::default()).await;
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+        .args(["-s", &server.url, "watch", "w*"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // Until the watcher is attached, keep adding (idempotent) and look for its line.
+    let url = server.url.clone();
+    let mut lines = vec![];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains(" w1  running  owner=n1"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no running line for w1: {lines:?}"
+        );
+        let u = url.clone();
+        tokio::task::spawn_blocking(move || {
+            support::cli(&u, &["workload", "add", "w1", "--kind", "sim"])
+        })
+        .await
+        .unwrap();
+        let u = url.clone();
+        tokio::task::spawn_blocking(move || {
+            support::cli(&u, &["workload", "add", "x1", "--kind", "sim"])
+        })
+        .await
+        .unwrap();
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
+            lines.push(l);
+        }
+    }
+    assert!(
+        lines.iter().all(|l| !l.contains(" x1 ")),
+        "the glob filters: {lines:?}"
+    );
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || support::cli(&u, &["workload", "rm", "w1"]))
+        .await
+        .unwrap();
+    let removed = (0..60).any(|_| {
+        rx.recv_timeout(Duration::from_millis(500))
+            .is_ok_and(|l| l.contains(" w1  removed"))
+    });
+    assert!(removed, "no removed line for w1");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    node.stop().await;
+}
