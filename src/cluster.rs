@@ -993,6 +993,9 @@ impl Coordinator {
         }
         self.unclaimed_since
             .retain(|id, _| self.specs.contains_key(id));
+        // Forget grace holds of workloads we no longer hold or claim.
+        self.grace_held
+            .retain(|id, _| local.contains(id) || self.pending.contains(id));
     }
 
     /// Hands a workload that is dead here to another node, recording this

@@ -483,16 +483,22 @@ async fn workloads_left_unclaimed_past_the_grace_period_are_taken_by_any_eligibl
         "the placement owner gets its chance first"
     );
     assert!(stuck.node().is_empty());
-    // And they stay (held for 10 grace periods), not bounced back to `stuck`.
-    let settled_at = std::time::Instant::now();
-    while settled_at.elapsed() < Duration::from_secs(5) {
-        assert_eq!(
-            ok.node().len(),
-            40,
-            "a grace-claimed workload was released again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // And they stay (held for 10 grace periods), not bounced back to `stuck`:
+    // no `deleted` event on `ok` for longer than two grace periods.
+    let mut events = ok.node().subscribe();
+    let bounced = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            if let Ok(ottomato::Event::Deleted { workload }) = events.recv().await {
+                return workload;
+            }
+        }
+    })
+    .await;
+    assert!(
+        bounced.is_err(),
+        "a grace-claimed workload was released again: {bounced:?}"
+    );
+    assert_eq!(ok.node().len(), 40);
     op.assert_no_double_owner();
     ok.stop().await;
     stuck.stop().await;

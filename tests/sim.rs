@@ -251,6 +251,18 @@ async fn start(
     .expect("node starts")
 }
 
+/// Starts a node behind a fresh (open) gate.
+async fn join(id: &str, store: &MemoryStore, transport: &MemoryTransport, log: &Log) -> SimNode {
+    let gate = Gate::new();
+    let c = start(id, store, transport, log, &gate).await;
+    SimNode {
+        id: id.to_string(),
+        cluster: Some(c),
+        gate,
+        heal_at: None,
+    }
+}
+
 async fn run_seed(seed: u64) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let store = MemoryStore::new();
@@ -275,14 +287,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     for _ in 0..rng.gen_range(2..4) {
         let id = format!("n{next_id}");
         next_id += 1;
-        let gate = Gate::new();
-        let c = start(&id, &store, &transport, &log, &gate).await;
-        nodes.push(SimNode {
-            id,
-            cluster: Some(c),
-            gate,
-            heal_at: None,
-        });
+        nodes.push(join(&id, &store, &transport, &log).await);
     }
     // Faults.
     for _ in 0..rng.gen_range(6..14) {
@@ -301,14 +306,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             0 if nodes.len() < 7 => {
                 let id = format!("n{next_id}");
                 next_id += 1;
-                let gate = Gate::new();
-                let c = start(&id, &store, &transport, &log, &gate).await;
-                nodes.push(SimNode {
-                    id,
-                    cluster: Some(c),
-                    gate,
-                    heal_at: None,
-                });
+                nodes.push(join(&id, &store, &transport, &log).await);
             }
             1 if alive.len() > 1 => {
                 let i = alive[rng.gen_range(0..alive.len())];
@@ -367,34 +365,47 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         n.heal_at = None;
     }
     if nodes.iter().all(|n| n.cluster.is_none()) {
-        let gate = Gate::new();
-        let c = start("late", &store, &transport, &log, &gate).await;
-        nodes.push(SimNode {
-            id: "late".into(),
-            cluster: Some(c),
-            gate,
-            heal_at: None,
-        });
+        nodes.push(join("late", &store, &transport, &log).await);
     }
-    tokio::time::sleep(Duration::from_secs(40)).await;
-
+    // Converged = every spec runs on exactly one live node, named as owner
+    // in a `running` state record. Poll (virtual time) to a deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match converged(&nodes, &ids, &*state).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
     let bad = double_runs(&log.lock().unwrap());
     if !bad.is_empty() {
         return Err(format!("double runs: {:?}", &bad[..bad.len().min(3)]));
     }
-    let live: Vec<&Cluster> = nodes.iter().filter_map(|n| n.cluster.as_ref()).collect();
+    for n in nodes {
+        if let Some(c) = n.cluster {
+            c.crash().await;
+        }
+    }
+    Ok(())
+}
+
+async fn converged(nodes: &[SimNode], ids: &[String], state: &dyn KvBucket) -> Result<(), String> {
     let mut runner: BTreeMap<String, String> = BTreeMap::new();
-    for c in &live {
+    for c in nodes.iter().filter_map(|n| n.cluster.as_ref()) {
         for id in c.node().workload_ids() {
             if let Some(other) = runner.insert(id.clone(), c.node().id().to_string()) {
                 return Err(format!("{id} runs on {other} and {}", c.node().id()));
             }
         }
     }
-    let want: BTreeMap<String, ()> = ids.iter().map(|i| (i.clone(), ())).collect();
-    if runner.keys().collect::<Vec<_>>() != want.keys().collect::<Vec<_>>() {
+    let want: Vec<&String> = {
+        let mut v: Vec<&String> = ids.iter().collect();
+        v.sort();
+        v
+    };
+    if runner.keys().collect::<Vec<_>>() != want {
         return Err(format!(
-            "not converged: want {} workloads, running {:?}",
+            "not converged: want {} workloads, running {}",
             want.len(),
             runner.len()
         ));
@@ -408,11 +419,6 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         let v: Value = serde_json::from_slice(&e.value).unwrap();
         if v["owner"] != node.as_str() || v["status"] != "running" {
             return Err(format!("{id} runs on {node} but state says {v}"));
-        }
-    }
-    for n in nodes {
-        if let Some(c) = n.cluster {
-            c.crash().await;
         }
     }
     Ok(())
