@@ -135,6 +135,24 @@ pub(crate) enum WorkloadCmd {
         #[arg(long)]
         skip_invalid: bool,
     },
+    /// Wait until every workload (matching GLOB) has a status on a live node,
+    /// e.g. after an import, a node crash or a drain. Exit 1 at --timeout.
+    #[command(
+        after_help = "Examples:\n  ottomato workload wait\n  ottomato workload wait 'router-*' --not-on node-a --timeout 2m"
+    )]
+    Wait {
+        /// Glob on ids.
+        glob: Option<String>,
+        /// The status to wait for.
+        #[arg(long, default_value = "running")]
+        status: String,
+        /// Also require that this node owns none of them (it crashed or drains).
+        #[arg(long)]
+        not_on: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +300,53 @@ pub(crate) async fn workload(conn: &Conn, cmd: WorkloadCmd) -> anyhow::Result<()
                 }
                 print_table(&rows);
                 eprintln!("{} of {} workloads", shown.len(), all.len());
+            }
+        }
+        WorkloadCmd::Wait {
+            glob,
+            status,
+            not_on,
+            timeout,
+        } => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut last = String::new();
+            loop {
+                let live: std::collections::HashSet<String> =
+                    client.nodes().await?.into_iter().map(|n| n.id).collect();
+                let all = client.workloads().await?;
+                let wanted: Vec<&WorkloadView> = all
+                    .iter()
+                    .filter(|w| {
+                        w.spec.is_some() && glob.as_deref().is_none_or(|g| glob_match(g, &w.id))
+                    })
+                    .collect();
+                let done = wanted
+                    .iter()
+                    .filter(|w| {
+                        w.state.as_ref().is_some_and(|st| {
+                            st.status.as_str() == status
+                                && live.contains(&st.owner)
+                                && not_on.as_deref() != Some(st.owner.as_str())
+                        })
+                    })
+                    .count();
+                let line = format!("{done} of {} workloads {status}", wanted.len());
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if done == wanted.len() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "timed out after {}: {} of {} workloads {status}",
+                        humantime::format_duration(timeout),
+                        done,
+                        wanted.len()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         WorkloadCmd::Import { file, skip_invalid } => {

@@ -32,6 +32,16 @@ pub enum NodeError {
     /// Settings that contradict each other.
     #[error("invalid node settings: {0}")]
     InvalidSettings(String),
+    /// A wait for a status ended first (the status the workload had then).
+    #[error("workload {id:?} still {status} after {waited:?}")]
+    WaitTimedOut {
+        /// The workload.
+        id: String,
+        /// Its status when the wait gave up.
+        status: crate::Status,
+        /// How long the wait lasted.
+        waited: std::time::Duration,
+    },
     /// A storage or transport backend failed.
     #[error("backend error: {0}")]
     Backend(String),

@@ -41,3 +41,8 @@ pub use ottomato_actors::{
 pub use spec::{Placement, WorkloadSpec};
 pub use status::{ScheduledJob, Status, WorkloadInfo};
 pub use wire::{ErrorCode, TaskResult};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

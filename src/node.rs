@@ -531,6 +531,33 @@ impl Node {
         self.shared.slot(id).map(|s| s.info())
     }
 
+    /// Waits until a workload reaches `status` (e.g. `Running` after
+    /// [`Node::add_workload`], whose init runs off the caller's path).
+    pub async fn wait_for_status(
+        &self,
+        id: &str,
+        status: Status,
+        timeout: Duration,
+    ) -> Result<WorkloadInfo, NodeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self
+                .workload(id)
+                .ok_or_else(|| NodeError::NotFound(id.to_string()))?;
+            if info.status == status {
+                return Ok(info);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::WaitTimedOut {
+                    id: id.to_string(),
+                    status: info.status,
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// How many workloads are in each status (cheaper than `workloads()`).
     pub fn count_by_status(&self) -> HashMap<Status, usize> {
         let slots: Vec<Arc<Slot>> = self.shared.registry().values().cloned().collect();

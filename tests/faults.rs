@@ -6,7 +6,7 @@
 //! "Exactly once" is checked twice: by a KV watcher (no owner change except
 //! from a node the test killed or froze) and by the simulated devices
 //! themselves, which trace every call with the calling process's pid
-//! ([`support::double_runs`]).
+//! ([`ottomato::actors::sim::trace::double_runs`]).
 
 mod support;
 
@@ -15,10 +15,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ottomato::actors::sim::trace::{double_runs, read_trace};
 use serde_json::{json, Value};
-use support::{
-    double_runs, eventually, read_trace, signal, NatsServer, NodeProc, Operator, TempDir,
-};
+use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
 
 const TTL: Duration = Duration::from_secs(5);
 

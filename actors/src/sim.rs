@@ -275,3 +275,129 @@ mod tests {
         assert!(d.ping().await.is_ok());
     }
 }
+
+/// Reading the `trace` files sim devices write, and checking that no device
+/// was ever driven by two processes at once (tests and `ottomato bench` use it).
+pub mod trace {
+    use std::path::Path;
+
+    /// One line of a sim device trace.
+    #[derive(Debug, Clone)]
+    pub struct TraceLine {
+        /// Unix time in ns.
+        pub ns: u128,
+        /// The process that drove the device.
+        pub pid: u32,
+        /// `init`, `ping`, `task` or `stop`.
+        pub event: String,
+        /// The workload id.
+        pub id: String,
+    }
+
+    /// Every line of a trace file, in time order (unreadable lines skipped).
+    pub fn read_trace(path: &Path) -> Vec<TraceLine> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut v: Vec<TraceLine> = text
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split(' ');
+                Some(TraceLine {
+                    ns: it.next()?.parse().ok()?,
+                    pid: it.next()?.parse().ok()?,
+                    event: it.next()?.to_string(),
+                    id: it.next()?.to_string(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|t| t.ns);
+        v
+    }
+
+    /// Moments when two processes drove the same device: process A worked on a
+    /// device, then B did, then A again without having stopped (or re-initialised)
+    /// it in between. Empty when every device was driven by one process at a time.
+    pub fn double_runs(trace: &[TraceLine]) -> Vec<String> {
+        use std::collections::{HashMap, HashSet};
+        let mut by_id: HashMap<&str, Vec<&TraceLine>> = HashMap::new();
+        for t in trace {
+            by_id.entry(&t.id).or_default().push(t);
+        }
+        let mut bad = vec![];
+        for (id, events) in by_id {
+            let mut current: Option<u32> = None;
+            let mut interrupted: HashSet<u32> = HashSet::new();
+            for e in events {
+                match e.event.as_str() {
+                    "stop" => {
+                        interrupted.remove(&e.pid);
+                        if current == Some(e.pid) {
+                            current = None;
+                        }
+                    }
+                    ev => {
+                        if ev == "init" {
+                            interrupted.remove(&e.pid);
+                        }
+                        if interrupted.contains(&e.pid) {
+                            bad.push(format!(
+                                "{id}: pid {} worked again at {} after another pid took over",
+                                e.pid, e.ns
+                            ));
+                        }
+                        if let Some(q) = current {
+                            if q != e.pid {
+                                interrupted.insert(q);
+                            }
+                        }
+                        current = Some(e.pid);
+                    }
+                }
+            }
+        }
+        bad
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn double_run_detector_flags_interleaving_only() {
+            let line = |ns, pid, event: &str| TraceLine {
+                ns,
+                pid,
+                event: event.into(),
+                id: "w".into(),
+            };
+            // Clean handover: A stops, B starts, later A takes it back.
+            let ok = [
+                line(1, 1, "init"),
+                line(2, 1, "ping"),
+                line(3, 1, "stop"),
+                line(4, 2, "init"),
+                line(5, 2, "ping"),
+                line(6, 2, "stop"),
+                line(7, 1, "init"),
+                line(8, 1, "ping"),
+            ];
+            assert!(double_runs(&ok).is_empty());
+            // Killed A never comes back: fine.
+            let killed = [
+                line(1, 1, "init"),
+                line(2, 1, "ping"),
+                line(4, 2, "init"),
+                line(5, 2, "ping"),
+            ];
+            assert!(double_runs(&killed).is_empty());
+            // A frozen, B takes over, A resumes pinging: a double run.
+            let stale = [
+                line(1, 1, "init"),
+                line(2, 1, "ping"),
+                line(4, 2, "init"),
+                line(5, 2, "ping"),
+                line(6, 1, "ping"),
+            ];
+            assert_eq!(double_runs(&stale).len(), 1);
+        }
+    }
+}
