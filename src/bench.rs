@@ -16,6 +16,9 @@ use ottomato::{Node, Status, Task, WorkloadSpec};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
+mod cluster;
+use cluster::{Opts, Scenario};
+
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
     /// Core engine: memory per idle workload, task rate, start time.
@@ -33,6 +36,42 @@ pub(crate) enum BenchCommand {
         /// Tasks in flight.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+    },
+    /// Tasks through a node vs a raw async-nats echo responder (1, 64, 256 in flight; JSON and bincode).
+    #[command(after_help = "Example:\n  ottomato bench tasks --quick")]
+    Tasks(Opts),
+    /// Time until N specs written run on 3 nodes vs raw KV creates of N keys.
+    Claims(Opts),
+    /// kill -9 one of 3 nodes: time until its workloads run elsewhere, minus the TTL; double runs.
+    Failover(Opts),
+    /// 3 → 4 nodes: moved / ideal, final balance, time to settle.
+    ScaleOut(Opts),
+    /// RSS per idle workload on one node vs a bare ractor actor + a bare subscription.
+    Memory(Opts),
+    /// A task to every workload by selection vs as many raw echo requests.
+    Fanout(Opts),
+    /// Every scenario above, one table at the end.
+    #[command(
+        after_help = "Examples:\n  ottomato bench all --quick      # about a minute, CI's smoke run\n  ottomato bench all              # default sizes (100k claims/memory, 30k failover/scale-out/fan-out, 10k tasks)"
+    )]
+    All(Opts),
+    /// (internal) a raw echo responder on <prefix>.task.dev-<i>.
+    #[command(hide = true)]
+    EchoResponder {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        n: usize,
+    },
+    /// (internal) the memory floor in a fresh process.
+    #[command(hide = true)]
+    MemFloor {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        n: usize,
     },
     /// (internal) one memory measurement in a fresh process.
     #[command(hide = true)]
@@ -196,6 +235,20 @@ async fn task_rate_raw(actors: &[ActorRef<RpcReplyPort<u64>>], tasks: usize, con
 pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::CoreChild { what, n } => child(what, n).await,
+        BenchCommand::Tasks(o) => cluster::run(&[Scenario::Tasks], &o).await,
+        BenchCommand::Claims(o) => cluster::run(&[Scenario::Claims], &o).await,
+        BenchCommand::Failover(o) => cluster::run(&[Scenario::Failover], &o).await,
+        BenchCommand::ScaleOut(o) => cluster::run(&[Scenario::ScaleOut], &o).await,
+        BenchCommand::Memory(o) => cluster::run(&[Scenario::Memory], &o).await,
+        BenchCommand::Fanout(o) => cluster::run(&[Scenario::Fanout], &o).await,
+        BenchCommand::All(o) => {
+            use Scenario::*;
+            cluster::run(&[Tasks, Claims, Failover, ScaleOut, Memory, Fanout], &o).await
+        }
+        BenchCommand::EchoResponder { server, prefix, n } => {
+            cluster::echo_responder(&server, &prefix, n).await
+        }
+        BenchCommand::MemFloor { server, n } => cluster::mem_floor(&server, n).await,
         BenchCommand::Core {
             workloads,
             rounds,

