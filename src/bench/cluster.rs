@@ -241,6 +241,19 @@ impl Drop for NodeProc {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
@@ -261,6 +274,8 @@ struct View {
     last_owner: HashMap<String, String>,
     /// When the last owner change was seen.
     last_move: Option<Instant>,
+    /// State writes seen.
+    puts: u64,
 }
 
 impl View {
@@ -299,6 +314,7 @@ impl Watcher {
                 let mut v = v.lock().unwrap_or_else(|e| e.into_inner());
                 match rec {
                     Some(r) => {
+                        v.puts += 1;
                         if v.last_owner.get(&id).is_some_and(|o| *o != r.owner) {
                             v.moves += 1;
                             v.last_move = Some(Instant::now());
@@ -340,14 +356,22 @@ impl Watcher {
     }
 
     async fn wait_nodes(&self, n: usize) -> anyhow::Result<()> {
+        // Joined, and past the join settle time (1.5 s) in which a new node
+        // learns the others before it claims: a long-running cluster.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.client.nodes().await?.len() < n {
+        loop {
+            let nodes = self.client.nodes().await?;
+            let settled = |i: &ottomato::wire::NodeInfo| {
+                i.started.elapsed().unwrap_or_default() >= Duration::from_secs(2)
+            };
+            if nodes.len() >= n && nodes.iter().all(settled) {
+                return Ok(());
+            }
             if Instant::now() > deadline {
                 anyhow::bail!("{n} nodes did not join within 60 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
     }
 
     /// Writes n sim specs (`dev-<i>`) at 256 in flight, as `workload import` does.
@@ -515,12 +539,19 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
             load(&nc, &ours, payload.clone(), bincode, conc, warm, check_ours).await;
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for r in 0..rounds {
-                progress(&format!("{enc}, {conc} in flight, round {}/{rounds}", r + 1));
+                progress(&format!(
+                    "{enc}, {conc} in flight, round {}/{rounds}",
+                    r + 1
+                ));
                 for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
                     if side == 0 {
-                        a.push(load(&nc, &raw, payload.clone(), bincode, conc, dur, check_echo).await);
+                        a.push(
+                            load(&nc, &raw, payload.clone(), bincode, conc, dur, check_echo).await,
+                        );
                     } else {
-                        b.push(load(&nc, &ours, payload.clone(), bincode, conc, dur, check_ours).await);
+                        b.push(
+                            load(&nc, &ours, payload.clone(), bincode, conc, dur, check_ours).await,
+                        );
                     }
                 }
             }
@@ -619,8 +650,20 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
     for r in 0..rounds {
         for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
             if side == 0 {
-                progress(&format!("round {}/{rounds}: raw KV create of {n} keys", r + 1));
-                raw.push(raw_creates(&js, &format!("raw_{r}"), n).await?.as_secs_f64());
+                progress(&format!(
+                    "round {}/{rounds}: raw KV create of {n} keys",
+                    r + 1
+                ));
+                let server0 = cpu_of(nats.child.id());
+                raw.push(
+                    raw_creates(&js, &format!("raw_{r}"), n)
+                        .await?
+                        .as_secs_f64(),
+                );
+                eprintln!(
+                    "   CPU: nats-server {:.1} s",
+                    cpu_of(nats.child.id()) - server0
+                );
                 continue;
             }
             progress(&format!("round {}/{rounds}: {n} specs, 3 nodes", r + 1));
@@ -633,11 +676,23 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                 .collect::<anyhow::Result<_>>()?;
             let w = Watcher::connect(&nats.url).await?;
             w.wait_nodes(3).await?;
+            let cpu0: Vec<f64> = nodes.iter().map(|p| cpu_of(p.pid())).collect();
+            let server0 = cpu_of(nats.child.id());
             let t0 = Instant::now();
             let wrote = w.write_specs(n, serde_json::json!({})).await?;
             let done = w.all_running(n, Duration::from_secs(900)).await?;
             ours.push((done - t0).as_secs_f64());
             import.push(wrote.as_secs_f64());
+            let node_cpu: f64 = nodes
+                .iter()
+                .zip(cpu0)
+                .map(|(p, c)| cpu_of(p.pid()) - c)
+                .sum();
+            eprintln!(
+                "   {:.2} state writes per workload; CPU: nodes {node_cpu:.1} s, nats-server {:.1} s",
+                w.with(|v| v.puts) as f64 / n as f64,
+                cpu_of(nats.child.id()) - server0
+            );
             drop(nodes);
         }
     }
@@ -676,7 +731,9 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
         .collect::<anyhow::Result<_>>()?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(3).await?;
-    progress(&format!("writing {n} specs (sim devices tracing every call)"));
+    progress(&format!(
+        "writing {n} specs (sim devices tracing every call)"
+    ));
     w.write_specs(n, serde_json::json!({ "trace": trace }))
         .await?;
     w.all_running(n, Duration::from_secs(600)).await?;
@@ -692,13 +749,17 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
     let killed = Instant::now();
     nodes[0].kill();
     let done = w
-        .until("victim's workloads running elsewhere", Duration::from_secs(120), |v| {
-            theirs.iter().all(|id| {
-                v.state
-                    .get(id)
-                    .is_some_and(|(o, s)| o != victim && *s == Status::Running)
-            })
-        })
+        .until(
+            "victim's workloads running elsewhere",
+            Duration::from_secs(120),
+            |v| {
+                theirs.iter().all(|id| {
+                    v.state
+                        .get(id)
+                        .is_some_and(|(o, s)| o != victim && *s == Status::Running)
+                })
+            },
+        )
         .await?;
     let took = done - killed;
     let doubles = double_runs(&read_trace(&trace));
@@ -706,7 +767,10 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
     Ok(vec![
         Row {
             scenario: "failover: kill -9 → all running elsewhere".into(),
-            params: format!("{n} workloads, 3 nodes, {} on the victim, TTL 5 s", theirs.len()),
+            params: format!(
+                "{n} workloads, 3 nodes, {} on the victim, TTL 5 s",
+                theirs.len()
+            ),
             ours: format!("{:.2} s", took.as_secs_f64()),
             baseline: "5.00 s (TTL)".into(),
             ratio: format!("{beyond:+.2} s beyond TTL"),
@@ -758,7 +822,8 @@ async fn scale_out(n: usize) -> anyhow::Result<Vec<Row>> {
         .await?;
     // Count every move, including stragglers: wait for 3 s without one.
     w.until("no more moves", Duration::from_secs(60), |v| {
-        v.last_move.is_none_or(|t| t.elapsed() > Duration::from_secs(3))
+        v.last_move
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(3))
     })
     .await?;
     let (moved, (_, min, max)) = w.with(|v| (v.moves - moves_before, spread(v)));
@@ -828,7 +893,14 @@ async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
     progress(&format!("floor: {n} bare actors + {n} subscriptions"));
     let out = Proc::new(std::env::current_exe()?)
-        .args(["bench", "mem-floor", "--server", &nats.url, "--n", &n.to_string()])
+        .args([
+            "bench",
+            "mem-floor",
+            "--server",
+            &nats.url,
+            "--n",
+            &n.to_string(),
+        ])
         .output()?;
     if !out.status.success() {
         anyhow::bail!("mem-floor failed: {}", String::from_utf8_lossy(&out.stderr));

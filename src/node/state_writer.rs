@@ -48,6 +48,8 @@ enum Op {
     Handover(Bytes),
 }
 
+type Said = (crate::Status, u32, Option<Box<str>>);
+
 enum Done {
     Wrote(Result<u64, StoreError>, Arc<Slot>),
     Removed(Result<(), StoreError>),
@@ -58,6 +60,9 @@ struct Writer {
     bucket: Arc<dyn KvBucket>,
     node_id: Arc<str>,
     revisions: HashMap<Arc<str>, u64>,
+    /// What the last write of each key said (status, restarts, reason): an
+    /// update saying the same again is skipped.
+    written: HashMap<Arc<str>, Said>,
     queues: HashMap<Arc<str>, VecDeque<Op>>,
     busy: HashSet<Arc<str>>,
     in_flight: FuturesUnordered<BoxFuture<'static, (Arc<str>, Done)>>,
@@ -78,12 +83,19 @@ impl Writer {
             match op {
                 Op::Adopt(rev) => {
                     self.revisions.insert(id.clone(), rev);
+                    // The claim record the coordinator just wrote.
+                    self.written
+                        .insert(id.clone(), (crate::Status::Initializing, 0, None));
                 }
                 Op::Upsert(slot) => {
                     slot.dirty.store(false, Ordering::Release);
-                    let Some(value) = self.record(&slot) else {
+                    let Some((value, said)) = self.record(&slot) else {
                         continue;
                     };
+                    if self.written.get(&id) == Some(&said) {
+                        continue; // the stored record already says this
+                    }
+                    self.written.insert(id.clone(), said);
                     let bucket = self.bucket.clone();
                     let rev = self.revisions.get(&id).copied();
                     let key = id.clone();
@@ -101,6 +113,7 @@ impl Writer {
                     return;
                 }
                 Op::Remove | Op::Handover(_) => {
+                    self.written.remove(&id);
                     let Some(rev) = self.revisions.remove(&id) else {
                         continue;
                     };
@@ -129,7 +142,7 @@ impl Writer {
     }
 
     /// The JSON to write for `slot`, or `None` if it must not be written.
-    fn record(&self, slot: &Arc<Slot>) -> Option<Bytes> {
+    fn record(&self, slot: &Arc<Slot>) -> Option<(Bytes, Said)> {
         let shared = self.shared.upgrade()?;
         if !shared.holds(slot) {
             return None; // removed since it was queued
@@ -152,8 +165,11 @@ impl Writer {
                 .unwrap_or_default(),
             moves: g.extra.as_ref().map_or(0, |e| e.moves),
         };
+        let said = (g.status, g.restarts, g.reason.clone());
         // Plain strings and numbers always serialise.
-        serde_json::to_vec(&rec).ok().map(Bytes::from)
+        serde_json::to_vec(&rec)
+            .ok()
+            .map(|v| (Bytes::from(v), said))
     }
 
     fn done(&mut self, id: Arc<str>, done: Done) {
@@ -165,6 +181,7 @@ impl Writer {
             }
             Done::Wrote(Err(e), slot) => {
                 self.revisions.remove(&id);
+                self.written.remove(&id);
                 if let Some(shared) = &shared {
                     match e {
                         StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {
@@ -209,6 +226,7 @@ pub(crate) fn spawn(
         bucket,
         node_id,
         revisions: HashMap::new(),
+        written: HashMap::new(),
         queues: HashMap::new(),
         busy: HashSet::new(),
         in_flight: FuturesUnordered::new(),
