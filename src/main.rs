@@ -8,6 +8,12 @@ use ottomato::demo::{self, DemoOptions};
 mod bench;
 mod commands;
 
+/// mimalloc instead of glibc malloc: a node allocates a little for every
+/// task and state change from many threads; glibc's malloc/free were a
+/// quarter of a node's CPU under task load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ottomato",

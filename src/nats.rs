@@ -15,8 +15,8 @@ use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
-use futures::{Future, Stream};
-use tokio::sync::{mpsc, oneshot};
+use futures::Stream;
+use tokio::sync::mpsc;
 
 use crate::store::{BucketSpec, KvBucket, KvChange, KvEntry, StateStore, StoreError};
 use crate::transport::{Message, RequestHandler, Transport, TransportError};
@@ -374,7 +374,7 @@ impl KvBucket for NatsBucket {
 pub struct NatsTransport {
     client: async_nats::Client,
     new_subs: mpsc::UnboundedSender<Served>,
-    cancels: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    cancels: Mutex<HashMap<String, Arc<Cancel>>>,
 }
 
 impl NatsTransport {
@@ -409,18 +409,43 @@ impl NatsTransport {
     }
 }
 
+/// Ends one subscription in the dispatcher: a flag plus the waker of the
+/// dispatcher's poll of it (registered again only when that waker changes,
+/// not on every message).
+#[derive(Default)]
+struct Cancel {
+    fired: std::sync::atomic::AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Cancel {
+    fn fire(&self) {
+        self.fired.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+}
+
 /// One subscription inside the dispatcher; ends (and unsubscribes, by
 /// dropping the subscriber) when its cancel fires.
 struct Served {
     sub: async_nats::Subscriber,
-    cancel: oneshot::Receiver<()>,
+    cancel: Arc<Cancel>,
+    registered: Option<std::task::Waker>,
     handler: Arc<dyn RequestHandler>,
 }
 
 impl Stream for Served {
     type Item = (Arc<dyn RequestHandler>, async_nats::Message);
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if Pin::new(&mut self.cancel).poll(cx).is_ready() {
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.cancel.waker.register(cx.waker());
+            self.registered = Some(cx.waker().clone());
+        }
+        if self.cancel.fired.load(std::sync::atomic::Ordering::Acquire) {
             return Poll::Ready(None);
         }
         match self.sub.poll_next_unpin(cx) {
@@ -471,16 +496,20 @@ impl Transport for NatsTransport {
             .subscribe(subject.to_string())
             .await
             .map_err(transport_err)?;
-        let (tx, rx) = oneshot::channel();
-        // A previous subscription on the subject ends when its sender drops here.
-        self.cancels
+        let cancel = Arc::new(Cancel::default());
+        let previous = self
+            .cancels
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(subject.to_string(), tx);
+            .insert(subject.to_string(), cancel.clone());
+        if let Some(p) = previous {
+            p.fire(); // a previous subscription on the subject ends
+        }
         self.new_subs
             .send(Served {
                 sub,
-                cancel: rx,
+                cancel,
+                registered: None,
                 handler,
             })
             .map_err(|_| TransportError::Backend("transport dispatcher stopped".into()))
@@ -497,15 +526,24 @@ impl Transport for NatsTransport {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(subject);
         if let Some(c) = cancel {
-            let _ = c.send(());
+            c.fire();
         }
         Ok(())
     }
 
     async fn publish(&self, subject: &str, message: Message) -> Result<(), TransportError> {
+        let subject = subject.to_string();
+        if message.headers.is_empty() {
+            // PUB, not HPUB with an empty header block.
+            return self
+                .client
+                .publish(subject, message.payload)
+                .await
+                .map_err(transport_err);
+        }
         let headers = to_headers(&message);
         self.client
-            .publish_with_headers(subject.to_string(), headers, message.payload)
+            .publish_with_headers(subject, headers, message.payload)
             .await
             .map_err(transport_err)
     }

@@ -582,6 +582,50 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_queued_transport_task_is_answered_at_its_own_deadline() {
+    let transport = Arc::new(MemoryTransport::new());
+    let node = Node::builder()
+        .kind(SimKind)
+        .transport(transport.clone())
+        .start()
+        .await
+        .unwrap();
+    node.add_workload(sim("q1")).await.unwrap();
+    wait_status(&node, "q1", Status::Running).await;
+    let ask = |body: &'static [u8]| {
+        let t = transport.clone();
+        async move {
+            let reply = t
+                .request(
+                    "otto.task.q1",
+                    Message::new(Bytes::from_static(body)),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&reply.payload).unwrap()
+        }
+    };
+    // One task at a time per workload: a 2 s task holds it...
+    let long = tokio::spawn(ask(
+        br#"{"command":"sleep","kwargs":{"ms":2000},"timeoutMs":5000}"#,
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // ...so this one waits in the queue, and must hear back at its own
+    // 100 ms deadline, not when the long one is done.
+    let t0 = tokio::time::Instant::now();
+    let queued = ask(br#"{"command":"echo","timeoutMs":100}"#).await;
+    let waited = t0.elapsed();
+    assert_eq!(queued["errorCode"], "deadline_exceeded", "{queued}");
+    assert!(
+        waited < Duration::from_millis(500),
+        "answered after {waited:?}"
+    );
+    assert_eq!(long.await.unwrap()["success"], true);
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn status_is_mirrored_to_the_state_store_and_a_lost_claim_fences() {
     let store = Arc::new(MemoryStore::new());

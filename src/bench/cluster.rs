@@ -433,7 +433,7 @@ async fn load(
     bincode: bool,
     conc: usize,
     dur: Duration,
-    check: fn(&[u8], bool) -> bool,
+    check: Check,
 ) -> Load {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
@@ -485,6 +485,9 @@ async fn load(
     }
 }
 
+/// Checks one reply: (payload, bincode?) → fine?
+type Check = fn(&[u8], bool) -> bool;
+
 fn check_ours(payload: &[u8], bincode: bool) -> bool {
     if bincode {
         bin::decode_result(payload).is_ok_and(|r| r.success)
@@ -508,8 +511,8 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
         Duration::from_secs(3)
     });
     let nats = Nats::start()?;
-    let _node = nats.node("node-1", &[])?;
-    let _echo = nats.echo_responder("raw", n)?;
+    let node = nats.node("node-1", &[])?;
+    let echo = nats.echo_responder("raw", n)?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(1).await?;
     progress(&format!("writing {n} specs"));
@@ -538,23 +541,36 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
             load(&nc, &raw, payload.clone(), bincode, conc, warm, check_echo).await;
             load(&nc, &ours, payload.clone(), bincode, conc, warm, check_ours).await;
             let (mut a, mut b) = (Vec::new(), Vec::new());
+            // CPU time of the responding process per request, both sides.
+            let (mut cpu_a, mut cpu_b) = (0.0, 0.0);
             for r in 0..rounds {
                 progress(&format!(
                     "{enc}, {conc} in flight, round {}/{rounds}",
                     r + 1
                 ));
                 for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
-                    if side == 0 {
-                        a.push(
-                            load(&nc, &raw, payload.clone(), bincode, conc, dur, check_echo).await,
-                        );
+                    let (pid, subjects, check): (u32, _, Check) = if side == 0 {
+                        (echo.pid(), &raw, check_echo)
                     } else {
-                        b.push(
-                            load(&nc, &ours, payload.clone(), bincode, conc, dur, check_ours).await,
-                        );
+                        (node.pid(), &ours, check_ours)
+                    };
+                    let c0 = cpu_of(pid);
+                    let l = load(&nc, subjects, payload.clone(), bincode, conc, dur, check).await;
+                    let per = (cpu_of(pid) - c0) / (l.rate * dur.as_secs_f64()).max(1.0);
+                    if side == 0 {
+                        cpu_a += per;
+                        a.push(l);
+                    } else {
+                        cpu_b += per;
+                        b.push(l);
                     }
                 }
             }
+            eprintln!(
+                "   responder CPU per request: node {:.1} µs, raw echo {:.1} µs",
+                cpu_b / rounds as f64 * 1e6,
+                cpu_a / rounds as f64 * 1e6
+            );
             let errors: usize = b.iter().map(|l| l.errors).sum::<usize>()
                 + a.iter().map(|l| l.errors).sum::<usize>();
             let med = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());

@@ -3,10 +3,10 @@
 //! **Invariant:** this is the only place in the node that decodes or encodes
 //! a wire payload; everything behind it works on [`Task`] and [`TaskResult`].
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::subjects::ENCODING_HEADER;
 use crate::transport::{Message, RequestHandler};
@@ -27,92 +27,90 @@ impl RequestHandler for TaskServer {
         let Some(reply) = reply else {
             return; // a publish without a reply subject: nobody to answer
         };
-        let subject = subject.to_string();
-        tokio::spawn(async move {
-            let bincode = match request.header(ENCODING_HEADER) {
-                None | Some("json") => false,
-                Some(bin::BINCODE_V1) => true,
-                Some(other) => {
-                    let msg = format!(
-                        "unknown {ENCODING_HEADER} {other:?}; this node speaks json and {}",
-                        bin::BINCODE_V1
-                    );
-                    let r = shared.result(
-                        "",
-                        None,
-                        Task::default(),
-                        Err((ErrorCode::MalformedRequest, msg)),
-                        Duration::ZERO,
-                    );
-                    let _ = shared
-                        .transport
-                        .publish(
-                            &reply,
-                            Message::new(serde_json::to_vec(&r).unwrap_or_default()),
-                        )
-                        .await;
-                    return;
-                }
-            };
-            let result = answer(&shared, &subject, request, bincode).await;
-            let message = if bincode {
-                Message::new(bin::encode_result(&result))
-                    .with_header(ENCODING_HEADER, bin::BINCODE_V1)
-            } else {
-                match serde_json::to_vec(&result) {
-                    Ok(p) => Message::new(p),
-                    // A Value tree from serde_json always serialises.
-                    Err(_) => return,
-                }
-            };
-            if let Err(e) = shared.transport.publish(&reply, message).await {
-                tracing::warn!(%subject, error = %e, "could not send a task reply");
+        let id = shared.subjects.parse_task(subject).unwrap_or(subject);
+        // Decoding happens here, in the dispatcher; the answer is encoded and
+        // published by the task's own tokio task (no task waits per request).
+        let bincode = match request.header(ENCODING_HEADER) {
+            None | Some("json") => false,
+            Some(bin::BINCODE_V1) => true,
+            Some(other) => {
+                let msg = format!(
+                    "unknown {ENCODING_HEADER} {other:?}; this node speaks json and {}",
+                    bin::BINCODE_V1
+                );
+                let r = shared.result(
+                    "",
+                    None,
+                    Task::default(),
+                    Err((ErrorCode::MalformedRequest, msg)),
+                    Duration::ZERO,
+                );
+                tokio::spawn(send_result(shared, reply, r, false));
+                return;
             }
-        });
+        };
+        match decode(&shared, &request, bincode) {
+            Ok(req) => {
+                let (task, timeout) = req.into_parts();
+                let timeout = timeout.unwrap_or(shared.cfg.task_timeout);
+                let sh = shared.clone();
+                shared.submit_task(id, task, timeout, move |r| {
+                    send_result(sh, reply, r, bincode).boxed()
+                });
+            }
+            Err((code, msg)) => {
+                let r = shared.result(id, None, Task::default(), Err((code, msg)), Duration::ZERO);
+                tokio::spawn(send_result(shared, reply, r, bincode));
+            }
+        }
     }
 }
 
-async fn answer(shared: &Shared, subject: &str, request: Message, bincode: bool) -> TaskResult {
-    let id = shared.subjects.parse_task(subject).unwrap_or(subject);
-    let refuse = |code: ErrorCode, msg: String| {
-        shared.result(
-            id,
-            None,
-            Task::default(),
-            Err((code, msg)),
-            std::time::Duration::ZERO,
-        )
+/// Encodes a result as the request was encoded and publishes it.
+async fn send_result(shared: Arc<Shared>, reply: String, result: TaskResult, bincode: bool) {
+    let message = if bincode {
+        Message::new(bin::encode_result(&result)).with_header(ENCODING_HEADER, bin::BINCODE_V1)
+    } else {
+        match serde_json::to_vec(&result) {
+            Ok(p) => Message::new(p),
+            // A Value tree from serde_json always serialises.
+            Err(_) => return,
+        }
     };
+    if let Err(e) = shared.transport.publish(&reply, message).await {
+        tracing::warn!(workload = %result.workload, error = %e, "could not send a task reply");
+    }
+}
+
+/// Checks the size and decodes a task request.
+fn decode(
+    shared: &Shared,
+    request: &Message,
+    bincode: bool,
+) -> Result<TaskRequest, (ErrorCode, String)> {
     if request.payload.len() > shared.cfg.max_payload {
-        return refuse(
+        return Err((
             ErrorCode::PayloadTooLarge,
             format!(
                 "request is {} bytes; this node accepts at most {}",
                 request.payload.len(),
                 shared.cfg.max_payload
             ),
-        );
+        ));
     }
     let decoded = if bincode {
         bin::decode_request(&request.payload)
     } else {
         serde_json::from_slice::<TaskRequest>(&request.payload).map_err(|e| e.to_string())
     };
-    let req: TaskRequest = match decoded {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                ErrorCode::MalformedRequest,
-                format!(
-                    "request is not a task ({e}); expected {{\"command\": string, \"args\": [..], \"kwargs\": {{..}}}}"
-                ),
-            )
-        }
-    };
-    let (task, timeout) = req.into_parts();
-    shared
-        .run_task(id, task, timeout.unwrap_or(shared.cfg.task_timeout))
-        .await
+    decoded.map_err(|e| {
+        (
+            ErrorCode::MalformedRequest,
+            format!(
+                "request is not a task ({e}); expected {{\"command\": string, \"args\": [..], \"kwargs\": {{..}}}}"
+            ),
+        )
+    })
 }
 
 /// The handler every node registers on `<prefix>.fanout`: runs the task on

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use ottomato_actors::{Task, TaskError, Workload};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
@@ -40,12 +41,73 @@ pub(crate) struct TaskOutcome {
 pub(crate) struct QueuedTask {
     pub(crate) task: Task,
     pub(crate) deadline: Instant,
-    pub(crate) reply: RpcReplyPort<TaskOutcome>,
+    pub(crate) reply: Reply,
+}
+
+/// Where a task's outcome goes.
+pub(crate) enum Reply {
+    /// A caller awaiting it (the node API); it keeps its own deadline timer.
+    Caller(RpcReplyPort<TaskOutcome>),
+    /// A continuation (transport requests: encode and publish the answer),
+    /// run in the task's own tokio task — no task waits per request.
+    Then(Then),
+}
+
+type Continuation = Box<dyn FnOnce(Option<TaskOutcome>) -> BoxFuture<'static, ()> + Send>;
+
+/// A continuation that runs exactly once: with the outcome, or with `None`
+/// if the task is dropped unanswered (its actor died with it queued).
+pub(crate) struct Then(Option<Continuation>);
+
+impl Then {
+    pub(crate) fn new(
+        f: impl FnOnce(Option<TaskOutcome>) -> BoxFuture<'static, ()> + Send + 'static,
+    ) -> Then {
+        Then(Some(Box::new(f)))
+    }
+
+    /// Runs it here (in an async context that may wait for it).
+    pub(crate) async fn run(mut self, outcome: TaskOutcome) {
+        if let Some(f) = self.0.take() {
+            f(Some(outcome)).await;
+        }
+    }
+
+    /// Runs it in a task of its own (from the actor, which must not wait).
+    pub(crate) fn spawn(mut self, outcome: TaskOutcome) {
+        if let Some(f) = self.0.take() {
+            tokio::spawn(f(Some(outcome)));
+        }
+    }
+}
+
+impl Drop for Then {
+    fn drop(&mut self) {
+        if let (Some(f), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(f(None));
+        }
+    }
+}
+
+impl Reply {
+    /// Delivers an outcome (a continuation runs in a task of its own).
+    pub(crate) fn send(self, outcome: TaskOutcome) {
+        match self {
+            Reply::Caller(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Then(t) => t.spawn(outcome),
+        }
+    }
+
+    fn is_then(&self) -> bool {
+        matches!(self, Reply::Then(_))
+    }
 }
 
 impl QueuedTask {
     fn refuse(self, code: ErrorCode, message: impl Into<String>) {
-        let _ = self.reply.send(TaskOutcome {
+        self.reply.send(TaskOutcome {
             task: self.task,
             result: Err((code, message.into())),
             elapsed: Duration::ZERO,
@@ -66,6 +128,8 @@ pub(crate) enum WorkloadMsg {
     RunTask(QueuedTask),
     /// A task finished and was answered; start the next.
     TaskDone,
+    /// A queued task's deadline is due: answer the expired ones.
+    ExpireQueued,
     /// Device code panicked in a spawned call: fail so the supervisor restarts us.
     DevicePanicked(String),
     /// Delete requested: stop the device and exit.
@@ -177,11 +241,17 @@ impl WorkloadState {
                         Err((ErrorCode::Panicked, format!("device panicked: {m}")))
                     }
                 };
-                let _ = reply.send(TaskOutcome {
+                let outcome = TaskOutcome {
                     task,
                     result,
                     elapsed,
-                });
+                };
+                match reply {
+                    Reply::Caller(tx) => {
+                        let _ = tx.send(outcome);
+                    }
+                    Reply::Then(then) => then.run(outcome).await,
+                }
                 let _ = myself.send_message(match panicked {
                     Some(m) => WorkloadMsg::DevicePanicked(m),
                     None => WorkloadMsg::TaskDone,
@@ -342,9 +412,27 @@ impl WorkloadState {
                 ),
             );
         }
+        let expiry = q.reply.is_then().then_some(q.deadline);
         self.queue.push_back(q);
         if self.phase == Phase::Ready {
             self.start_tasks(myself);
+        }
+        // A continuation has nobody timing it: if it still waits, answer it
+        // at its deadline (a caller's own timer does that for `Caller`).
+        if let Some(deadline) = expiry.filter(|_| !self.queue.is_empty()) {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            myself.send_after(wait, || WorkloadMsg::ExpireQueued);
+        }
+    }
+
+    /// Answers every queued task whose deadline has passed.
+    fn expire_queued(&mut self) {
+        let now = Instant::now();
+        let (expired, waiting): (VecDeque<QueuedTask>, VecDeque<QueuedTask>) =
+            self.queue.drain(..).partition(|q| q.deadline <= now);
+        self.queue = waiting;
+        for q in expired {
+            q.refuse(ErrorCode::DeadlineExceeded, "deadline passed while queued");
         }
     }
 
@@ -473,6 +561,7 @@ impl Actor for WorkloadActor {
                 }
             }
             WorkloadMsg::RunTask(q) => state.on_run_task(&myself, q),
+            WorkloadMsg::ExpireQueued => state.expire_queued(),
             WorkloadMsg::TaskDone => {
                 state.running = state.running.saturating_sub(1);
                 if state.phase == Phase::Ready {
