@@ -25,7 +25,11 @@
 //! only through [`KvBucket`] and [`Transport`]: it runs the same on NATS and
 //! on the in-memory backend.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Fx hashing for the coordinator's maps of workload ids: several lookups per
+// spec per reconcile, and ids come from operators, not from attackers.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -223,21 +227,21 @@ impl Cluster {
             nodes: nodes.clone(),
             state,
             live,
-            specs: HashMap::new(),
-            claims: HashMap::new(),
-            assignment: placement::Assignment::new(),
+            specs: HashMap::default(),
+            claims: HashMap::default(),
+            assignment: placement::Assignment::default(),
             view_gen: 1,
             assignment_gen: 0,
-            unclaimed_since: HashMap::new(),
-            dead_since: HashMap::new(),
-            grace_held: HashMap::new(),
+            unclaimed_since: HashMap::default(),
+            dead_since: HashMap::default(),
+            grace_held: HashMap::default(),
             joined: Instant::now(),
             synced: [false; 3],
             replayed: [None, None, None],
-            pending: HashSet::new(),
-            releasing: HashSet::new(),
-            running_rev: HashMap::new(),
-            failed_rev: HashMap::new(),
+            pending: HashSet::default(),
+            releasing: HashSet::default(),
+            running_rev: HashMap::default(),
+            failed_rev: HashMap::default(),
             results_tx,
         };
         let coordinator = tokio::spawn(coordinator.run(stop_rx, results_rx));
@@ -624,7 +628,7 @@ impl Coordinator {
         let Some(change) = change else {
             // A (re)started watch: replay follows.
             self.synced[which] = false;
-            self.replayed[which] = Some(HashSet::new());
+            self.replayed[which] = Some(HashSet::default());
             return;
         };
         match &change {
@@ -923,6 +927,17 @@ impl Coordinator {
         for (id, entry) in &self.specs {
             if to_claim.len() >= room {
                 break; // the rest after some claims complete
+            }
+            // Fast path, most specs most of the time: held by another live
+            // node. Nothing to do but wait (for a handover, if placement
+            // moved it to us) — the same outcome as the full checks below.
+            if self
+                .claims
+                .get(id)
+                .is_some_and(|c| c.owner != self.me && self.live.contains_key(&c.owner))
+            {
+                self.unclaimed_since.remove(id);
+                continue;
             }
             if self.pending.contains(id) || local.contains(id) || self.releasing.contains(id) {
                 // Held (or changing hands through us): not stranded.

@@ -17,7 +17,9 @@
 //!   about 1 % while moving little more than the ideal share.
 //! - A workload no node can take is unplaceable, with the reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::spec::Placement;
 use crate::wire::NodeInfo;
@@ -89,7 +91,7 @@ pub(crate) fn assign<'a>(
             (*id, fair.min(hard).max(1))
         })
         .collect();
-    let mut load: HashMap<&str, u64> = HashMap::new();
+    let mut load: HashMap<&str, u64> = HashMap::default();
 
     // Candidates per workload, most constrained first, then by hash.
     let mut order: Vec<(usize, u64, &str, &Placement, Vec<&str>)> = workloads
@@ -143,7 +145,7 @@ pub(crate) fn assign<'a>(
         .collect();
     order.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
 
-    let mut out = Assignment::with_capacity(order.len());
+    let mut out = Assignment::with_capacity_and_hasher(order.len(), Default::default());
     for (_, _, id, placement, mut cands) in order {
         if cands.is_empty() {
             out.insert(id.to_string(), Err(why_unplaceable(nodes, placement)));
