@@ -60,6 +60,8 @@ impl Scenario {
             (Scenario::Claims, false) | (Scenario::Memory, false) => 100_000,
             (_, false) => 30_000,
             (Scenario::Tasks, true) => 1_000,
+            // Fewer makes the per-process fixed costs dominate the ratio.
+            (Scenario::Memory, true) => 20_000,
             (_, true) => 3_000,
         }
     }
