@@ -290,45 +290,10 @@ impl Cluster {
             "draining"
         );
         let deadline = Instant::now() + timeout;
-        let mut next_check = Instant::now();
         while !self.node.is_empty() && Instant::now() < deadline {
-            if Instant::now() >= next_check {
-                // The last node standing has nobody to hand over to: leave now.
-                if !self.others_can_take().await {
-                    tracing::info!(
-                        node = self.node.id(),
-                        workloads = self.node.len(),
-                        "no other node to hand over to; stopping"
-                    );
-                    break;
-                }
-                next_check = Instant::now() + Duration::from_secs(1);
-            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.stop().await;
-    }
-
-    /// Whether another live node that is not draining is in the membership
-    /// bucket (true when unsure).
-    async fn others_can_take(&self) -> bool {
-        let Ok(mut w) = self.nodes.watch().await else {
-            return true;
-        };
-        while let Some(c) = w.next().await {
-            match c {
-                KvChange::Put(e) if e.key != self.node.id() => {
-                    match serde_json::from_slice::<NodeInfo>(&e.value) {
-                        Ok(info) if !info.draining => return true,
-                        Ok(_) => {}
-                        Err(_) => return true,
-                    }
-                }
-                KvChange::Synced => return false,
-                _ => {}
-            }
-        }
-        true
     }
 
     /// Simulates a crash (for tests and simulations): heartbeats and
