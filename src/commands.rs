@@ -135,8 +135,9 @@ pub(crate) enum WorkloadCmd {
         #[arg(long)]
         skip_invalid: bool,
     },
-    /// Wait until every workload (matching GLOB) has a status on a live node,
-    /// e.g. after an import, a node crash or a drain. Exit 1 at --timeout.
+    /// Wait until every workload (matching GLOB, as they are when it starts)
+    /// has a status on a live node, e.g. after an import, a node crash or a
+    /// drain. Exit 1 at --timeout.
     #[command(
         after_help = "Examples:\n  ottomato workload wait\n  ottomato workload wait 'router-*' --not-on node-a --timeout 2m"
     )]
@@ -216,6 +217,70 @@ fn print_table(rows: &[Vec<String>]) {
             .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
             .collect();
         println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// `workload wait`: the specs that exist now (one snapshot), their state
+/// from a live watch of the state bucket (no re-reading it), live nodes
+/// checked twice a second.
+async fn wait(
+    client: &Client,
+    glob: Option<String>,
+    status: &str,
+    not_on: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let wanted: std::collections::HashSet<String> = client
+        .workloads()
+        .await?
+        .into_iter()
+        .filter(|w| w.spec.is_some() && glob.as_deref().is_none_or(|g| glob_match(g, &w.id)))
+        .map(|w| w.id)
+        .collect();
+    let mut states = std::collections::HashMap::new();
+    let mut changes = client.watch_state().await?;
+    // First look after the watch has had time to replay the current state.
+    let every = Duration::from_millis(500);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            change = changes.next() => match change {
+                Some((id, record)) if wanted.contains(&id) => match record {
+                    Some(r) => { states.insert(id, r); }
+                    None => { states.remove(&id); }
+                },
+                Some(_) => {}
+                None => anyhow::bail!("the state watch ended (connection lost?)"),
+            },
+            _ = tick.tick() => {
+                let live: std::collections::HashSet<String> =
+                    client.nodes().await?.into_iter().map(|n| n.id).collect();
+                let done = states
+                    .values()
+                    .filter(|st| {
+                        st.status.as_str() == status
+                            && live.contains(&st.owner)
+                            && not_on.as_deref() != Some(st.owner.as_str())
+                    })
+                    .count();
+                let line = format!("{done} of {} workloads {status}", wanted.len());
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if done == wanted.len() {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "timed out after {}: {last}",
+                        humantime::format_duration(timeout)
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -307,48 +372,7 @@ pub(crate) async fn workload(conn: &Conn, cmd: WorkloadCmd) -> anyhow::Result<()
             status,
             not_on,
             timeout,
-        } => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            let mut last = String::new();
-            loop {
-                let live: std::collections::HashSet<String> =
-                    client.nodes().await?.into_iter().map(|n| n.id).collect();
-                let all = client.workloads().await?;
-                let wanted: Vec<&WorkloadView> = all
-                    .iter()
-                    .filter(|w| {
-                        w.spec.is_some() && glob.as_deref().is_none_or(|g| glob_match(g, &w.id))
-                    })
-                    .collect();
-                let done = wanted
-                    .iter()
-                    .filter(|w| {
-                        w.state.as_ref().is_some_and(|st| {
-                            st.status.as_str() == status
-                                && live.contains(&st.owner)
-                                && not_on.as_deref() != Some(st.owner.as_str())
-                        })
-                    })
-                    .count();
-                let line = format!("{done} of {} workloads {status}", wanted.len());
-                if line != last {
-                    eprintln!("{line}");
-                    last = line;
-                }
-                if done == wanted.len() {
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    anyhow::bail!(
-                        "timed out after {}: {} of {} workloads {status}",
-                        humantime::format_duration(timeout),
-                        done,
-                        wanted.len()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
+        } => wait(&client, glob, &status, not_on, timeout).await?,
         WorkloadCmd::Import { file, skip_invalid } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;

@@ -271,11 +271,12 @@ impl Shared {
     fn route(
         &self,
         id: &str,
+        slot: Option<&Arc<Slot>>,
         task: Task,
         deadline: Instant,
         reply: Reply,
     ) -> Result<(), Box<Refused>> {
-        let Some(slot) = self.slot(id) else {
+        let Some(slot) = slot else {
             let msg = format!("workload {id:?} not found on this node");
             return Err(Box::new(Refused(task, reply, ErrorCode::NotFound, msg)));
         };
@@ -319,12 +320,12 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         let command = task.command.clone();
         let (tx, rx) = ractor::concurrency::oneshot();
-        if let Err(refused) = self.route(id, task, deadline, Reply::Caller(tx.into())) {
+        let slot = self.slot(id);
+        let reply = Reply::Caller(tx.into());
+        if let Err(refused) = self.route(id, slot.as_ref(), task, deadline, reply) {
             let Refused(task, _, code, msg) = *refused;
-            let slot = self.slot(id);
             return self.result(id, slot.as_deref(), task, Err((code, msg)), Duration::ZERO);
         }
-        let slot = self.slot(id);
         let lost = |code, msg: &str| {
             self.result(
                 id,
@@ -360,8 +361,10 @@ impl Shared {
         let shared = self.clone();
         let key = id.to_string();
         let command = task.command.clone();
+        let slot = self.slot(id);
+        let held = slot.clone();
         let cont = Then::new(move |outcome: Option<TaskOutcome>| {
-            let slot = shared.slot(&key);
+            let slot = held;
             let result = match outcome {
                 Some(o) => shared.result(&key, slot.as_deref(), o.task, o.result, o.elapsed),
                 None => shared.result(
@@ -378,7 +381,7 @@ impl Shared {
             then(result)
         });
         let deadline = Instant::now() + timeout;
-        if let Err(refused) = self.route(id, task, deadline, Reply::Then(cont)) {
+        if let Err(refused) = self.route(id, slot.as_ref(), task, deadline, Reply::Then(cont)) {
             let Refused(task, reply, code, msg) = *refused;
             reply.send(TaskOutcome {
                 task,

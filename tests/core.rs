@@ -518,8 +518,8 @@ async fn events_reach_fast_subscribers_and_callbacks_despite_a_slow_one() {
     ));
 }
 
-#[tokio::test]
-async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
+/// A node serving on an in-memory transport, with one running sim workload.
+async fn node_on_a_transport(id: &str) -> (Arc<MemoryTransport>, Node) {
     let transport = Arc::new(MemoryTransport::new());
     let node = Node::builder()
         .kind(SimKind)
@@ -527,8 +527,14 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
         .start()
         .await
         .unwrap();
-    node.add_workload(sim("t1")).await.unwrap();
-    wait_status(&node, "t1", Status::Running).await;
+    node.add_workload(sim(id)).await.unwrap();
+    wait_status(&node, id, Status::Running).await;
+    (transport, node)
+}
+
+#[tokio::test]
+async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
+    let (transport, node) = node_on_a_transport("t1").await;
     let ask = |subject: &str, body: &[u8]| {
         let t = transport.clone();
         let subject = subject.to_string();
@@ -584,15 +590,7 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
 
 #[tokio::test(start_paused = true)]
 async fn a_queued_transport_task_is_answered_at_its_own_deadline() {
-    let transport = Arc::new(MemoryTransport::new());
-    let node = Node::builder()
-        .kind(SimKind)
-        .transport(transport.clone())
-        .start()
-        .await
-        .unwrap();
-    node.add_workload(sim("q1")).await.unwrap();
-    wait_status(&node, "q1", Status::Running).await;
+    let (transport, node) = node_on_a_transport("q1").await;
     let ask = |body: &'static [u8]| {
         let t = transport.clone();
         async move {

@@ -11,11 +11,11 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ottomato::actors::sim::trace::{double_runs, read_trace};
+use ottomato::actors::sim::trace::{double_runs, read_trace, TraceLine};
 use serde_json::{json, Value};
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
 
@@ -128,19 +128,62 @@ async fn settle(
     }
 }
 
+/// `n` sim workloads named `<prefix>NNNN` whose devices trace every call,
+/// on node processes a, b and c (connected to `urls`, with `extra` options),
+/// settled: the fleet each fault test starts from.
+struct Fleet {
+    _logs: TempDir,
+    trace: PathBuf,
+    ids: Vec<String>,
+    nodes: Vec<NodeProc>,
+    owners: HashMap<String, String>,
+}
+
+async fn traced_fleet(
+    op: &Operator,
+    urls: &str,
+    prefix: &str,
+    n: usize,
+    extra: &[&str],
+    secs: u64,
+) -> Fleet {
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let ids = ids(prefix, n);
+    add_traced(op, &ids, &trace, json!({})).await;
+    let nodes: Vec<NodeProc> = ["a", "b", "c"]
+        .iter()
+        .map(|name| NodeProc::start(urls, name, &logs.0, extra))
+        .collect();
+    let owners = settle(op, &ids, Duration::from_secs(2), secs).await;
+    Fleet {
+        _logs: logs,
+        trace,
+        ids,
+        nodes,
+        owners,
+    }
+}
+
+/// Asserts that no device was driven by two processes at once; the trace.
+fn assert_single_drivers(trace: &Path) -> Vec<TraceLine> {
+    let lines = read_trace(trace);
+    let bad = double_runs(&lines);
+    assert!(
+        bad.is_empty(),
+        "devices driven twice: {:?}",
+        &bad[..bad.len().min(5)]
+    );
+    lines
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
     support::init_logs();
     let server = NatsServer::start();
-    let logs = TempDir::new("logs");
-    let trace = logs.0.join("trace.log");
     let op = Operator::connect(&server.url, 1).await;
-    let ids = ids("k", 300);
-    add_traced(&op, &ids, &trace, json!({})).await;
-    let a = NodeProc::start(&server.url, "a", &logs.0, &[]);
-    let mut b = NodeProc::start(&server.url, "b", &logs.0, &[]);
-    let c = NodeProc::start(&server.url, "c", &logs.0, &[]);
-    let owners = settle(&op, &ids, Duration::from_secs(2), 90).await;
+    let mut fleet = traced_fleet(&op, &server.url, "k", 300, &[], 90).await;
+    let owners = &fleet.owners;
     let victims: Vec<String> = owners
         .iter()
         .filter(|(_, o)| *o == "b")
@@ -150,7 +193,7 @@ async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
 
     op.gone.lock().unwrap().insert("b".into());
     let killed = Instant::now();
-    b.kill();
+    fleet.nodes[1].kill();
     all_running_on(&op, &victims, &["a", "c"], 30).await;
     let took = killed.elapsed();
     assert!(
@@ -159,31 +202,22 @@ async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
     );
     eprintln!("failover of {} workloads took {took:?}", victims.len());
 
-    let owners = all_running_on(&op, &ids, &["a", "c"], 30).await;
+    let owners = all_running_on(&op, &fleet.ids, &["a", "c"], 30).await;
     answered_by_owners(&op, &owners).await;
     op.assert_no_double_owner();
-    let bad = double_runs(&read_trace(&trace));
-    assert!(
-        bad.is_empty(),
-        "devices driven twice: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    drop((a, c));
+    assert_single_drivers(&fleet.trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     support::init_logs();
     let server = NatsServer::start();
-    let logs = TempDir::new("logs");
-    let trace = logs.0.join("trace.log");
     let op = Operator::connect(&server.url, 1).await;
-    let ids = ids("p", 150);
-    add_traced(&op, &ids, &trace, json!({})).await;
-    let a = NodeProc::start(&server.url, "a", &logs.0, &[]);
-    let b = NodeProc::start(&server.url, "b", &logs.0, &[]);
-    let c = NodeProc::start(&server.url, "c", &logs.0, &[]);
-    let owners = settle(&op, &ids, Duration::from_secs(2), 90).await;
+    let fleet = traced_fleet(&op, &server.url, "p", 150, &[], 90).await;
+    let (ids, owners) = (&fleet.ids, &fleet.owners);
+    let [a, b, c] = &fleet.nodes[..] else {
+        unreachable!("three nodes")
+    };
     let frozen: Vec<String> = owners
         .iter()
         .filter(|(_, o)| *o == "b")
@@ -202,16 +236,10 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     let resumed = Instant::now();
 
     // It rejoins and may get a share back, by clean handover only.
-    let owners = settle(&op, &ids, Duration::from_secs(3), 90).await;
+    let owners = settle(&op, ids, Duration::from_secs(3), 90).await;
     answered_by_owners(&op, &owners).await;
     op.assert_no_double_owner();
-    let trace_lines = read_trace(&trace);
-    let bad = double_runs(&trace_lines);
-    assert!(
-        bad.is_empty(),
-        "devices driven twice: {:?}",
-        &bad[..bad.len().min(5)]
-    );
+    let trace_lines = assert_single_drivers(&fleet.trace);
     // No stale actor on the resumed node: in the last second, each device is
     // pinged by one process only, the one whose node owns it.
     let pids: HashMap<u32, &str> = [(a.pid(), "a"), (b.pid(), "b"), (c.pid(), "c")].into();
@@ -243,48 +271,31 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
         "b did not notice its lease ran out:\n{log}"
     );
     eprintln!("resumed after {:?}", resumed - paused);
-    drop((a, b, c));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_restart_loses_nothing() {
     support::init_logs();
     let server = NatsServer::start();
-    let logs = TempDir::new("logs");
-    let trace = logs.0.join("trace.log");
     let url = server.url.clone();
     let op = Operator::connect(&url, 1).await;
-    let ids = ids("r", 150);
-    add_traced(&op, &ids, &trace, json!({})).await;
-    let nodes: Vec<NodeProc> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeProc::start(&url, n, &logs.0, &[]))
-        .collect();
-    settle(&op, &ids, Duration::from_secs(2), 90).await;
+    let fleet = traced_fleet(&op, &url, "r", 150, &[], 90).await;
 
     let (port, store) = server.kill();
     let server = NatsServer::start_with(Some(port), store, &[]);
     assert_eq!(server.url, url);
 
-    let owners = settle(&op, &ids, Duration::from_secs(3), 90).await;
+    let owners = settle(&op, &fleet.ids, Duration::from_secs(3), 90).await;
     // No spec lost.
-    assert_eq!(op.spec_count().await, ids.len());
+    assert_eq!(op.spec_count().await, fleet.ids.len());
     answered_by_owners(&op, &owners).await;
-    let bad = double_runs(&read_trace(&trace));
-    assert!(
-        bad.is_empty(),
-        "devices driven twice: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    drop(nodes);
+    assert_single_drivers(&fleet.trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_server_of_a_three_server_cluster_is_survived() {
     support::init_logs();
     support::ensure_nats_server();
-    let logs = TempDir::new("logs");
-    let trace = logs.0.join("trace.log");
     let client_ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
     let route_ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
     let mut servers: Vec<Option<NatsServer>> = (0..3)
@@ -318,25 +329,14 @@ async fn losing_one_server_of_a_three_server_cluster_is_survived() {
         .collect();
     let all = urls.join(",");
     let op = Operator::connect(&urls[1], 3).await;
-    let ids = ids("c", 60);
-    add_traced(&op, &ids, &trace, json!({})).await;
-    let nodes: Vec<NodeProc> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeProc::start(&all, n, &logs.0, &["--replicas", "3"]))
-        .collect();
-    settle(&op, &ids, Duration::from_secs(2), 120).await;
+    let fleet = traced_fleet(&op, &all, "c", 60, &["--replicas", "3"], 120).await;
 
     servers[0].take(); // killed and cleaned
-    let owners = settle(&op, &ids, Duration::from_secs(3), 120).await;
+    let owners = settle(&op, &fleet.ids, Duration::from_secs(3), 120).await;
     answered_by_owners(&op, &owners).await;
-    assert_eq!(op.spec_count().await, ids.len(), "a spec was lost");
-    let bad = double_runs(&read_trace(&trace));
-    assert!(
-        bad.is_empty(),
-        "devices driven twice: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    drop(nodes);
+    assert_eq!(op.spec_count().await, fleet.ids.len(), "a spec was lost");
+    assert_single_drivers(&fleet.trace);
+    drop(fleet); // nodes before servers
     drop(servers);
 }
 

@@ -192,6 +192,13 @@ impl Nats {
         Ok(NodeProc { child })
     }
 
+    /// Starts nodes `node-1` … `node-<count>` with these extra options.
+    fn nodes(&self, count: usize, extra: &[&str]) -> anyhow::Result<Vec<NodeProc>> {
+        (1..=count)
+            .map(|i| self.node(&format!("node-{i}"), extra))
+            .collect()
+    }
+
     /// Starts a raw echo responder on `<prefix>.task.dev-<i>` for i < n.
     fn echo_responder(&self, prefix: &str, n: usize) -> anyhow::Result<NodeProc> {
         let mut child = Proc::new(std::env::current_exe()?)
@@ -396,6 +403,14 @@ impl Watcher {
         Ok(t.elapsed())
     }
 
+    /// Writes n specs and waits until all run: a fleet ready to measure.
+    async fn fill(&self, n: usize, config: serde_json::Value) -> anyhow::Result<()> {
+        progress(&format!("writing {n} specs"));
+        self.write_specs(n, config).await?;
+        self.all_running(n, Duration::from_secs(600)).await?;
+        Ok(())
+    }
+
     async fn all_running(&self, n: usize, limit: Duration) -> anyhow::Result<Instant> {
         self.until("all running", limit, |v| v.running() >= n).await
     }
@@ -490,6 +505,16 @@ async fn load(
 /// Checks one reply: (payload, bincode?) → fine?
 type Check = fn(&[u8], bool) -> bool;
 
+/// The task both sides of the tasks and fan-out scenarios are sent.
+fn echo_request() -> TaskRequest {
+    TaskRequest {
+        command: "echo".into(),
+        args: vec![serde_json::json!("ping")],
+        kwargs: Default::default(),
+        timeout_ms: None,
+    }
+}
+
 fn check_ours(payload: &[u8], bincode: bool) -> bool {
     if bincode {
         bin::decode_result(payload).is_ok_and(|r| r.success)
@@ -517,18 +542,11 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
     let echo = nats.echo_responder("raw", n)?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(1).await?;
-    progress(&format!("writing {n} specs"));
-    w.write_specs(n, serde_json::json!({})).await?;
-    w.all_running(n, Duration::from_secs(300)).await?;
+    w.fill(n, serde_json::json!({})).await?;
     let nc = async_nats::connect(&nats.url).await?;
     let ours: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("otto.task.dev-{i}")).collect());
     let raw: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("raw.task.dev-{i}")).collect());
-    let req = TaskRequest {
-        command: "echo".into(),
-        args: vec![serde_json::json!("ping")],
-        kwargs: Default::default(),
-        timeout_ms: None,
-    };
+    let req = echo_request();
     let mut rows = Vec::new();
     for bincode in [false, true] {
         let enc = if bincode { "bincode" } else { "json" };
@@ -689,9 +707,7 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
             for b in ["otto_workloads", "otto_state"] {
                 let _ = js.delete_key_value(b).await;
             }
-            let nodes: Vec<NodeProc> = (1..=3)
-                .map(|i| nats.node(&format!("node-{i}"), &[]))
-                .collect::<anyhow::Result<_>>()?;
+            let nodes = nats.nodes(3, &[])?;
             let w = Watcher::connect(&nats.url).await?;
             w.wait_nodes(3).await?;
             let cpu0: Vec<f64> = nodes.iter().map(|p| cpu_of(p.pid())).collect();
@@ -744,17 +760,11 @@ const TTL: Duration = Duration::from_secs(5);
 async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
     let trace = nats.dir.join("trace.log");
-    let mut nodes: Vec<NodeProc> = (1..=3)
-        .map(|i| nats.node(&format!("node-{i}"), &["--ttl", "5s"]))
-        .collect::<anyhow::Result<_>>()?;
+    let mut nodes = nats.nodes(3, &["--ttl", "5s"])?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(3).await?;
-    progress(&format!(
-        "writing {n} specs (sim devices tracing every call)"
-    ));
-    w.write_specs(n, serde_json::json!({ "trace": trace }))
-        .await?;
-    w.all_running(n, Duration::from_secs(600)).await?;
+    // Sim devices trace every call with their pid.
+    w.fill(n, serde_json::json!({ "trace": trace })).await?;
     let victim = "node-1";
     let theirs: HashSet<String> = w.with(|v| {
         v.state
@@ -811,14 +821,10 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
 
 async fn scale_out(n: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
-    let mut nodes: Vec<NodeProc> = (1..=3)
-        .map(|i| nats.node(&format!("node-{i}"), &[]))
-        .collect::<anyhow::Result<_>>()?;
+    let mut nodes = nats.nodes(3, &[])?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(3).await?;
-    progress(&format!("writing {n} specs"));
-    w.write_specs(n, serde_json::json!({})).await?;
-    w.all_running(n, Duration::from_secs(600)).await?;
+    w.fill(n, serde_json::json!({})).await?;
     let moves_before = w.with(|v| v.moves);
     progress("starting node-4");
     let t0 = Instant::now();
@@ -929,8 +935,7 @@ async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(1).await?;
     let before = rss_of(node.pid());
-    w.write_specs(n, serde_json::json!({})).await?;
-    w.all_running(n, Duration::from_secs(600)).await?;
+    w.fill(n, serde_json::json!({})).await?;
     let after = rss_of(node.pid());
     let ours = after.saturating_sub(before) as f64 / n as f64;
     let ratio = ours / floor.bytes_per_item;
@@ -952,22 +957,13 @@ async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
 
 async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
-    let _nodes: Vec<NodeProc> = (1..=3)
-        .map(|i| nats.node(&format!("node-{i}"), &[]))
-        .collect::<anyhow::Result<_>>()?;
+    let _nodes = nats.nodes(3, &[])?;
     let _echo = nats.echo_responder("raw", n)?;
     let w = Watcher::connect(&nats.url).await?;
     w.wait_nodes(3).await?;
-    progress(&format!("writing {n} specs"));
-    w.write_specs(n, serde_json::json!({})).await?;
-    w.all_running(n, Duration::from_secs(600)).await?;
+    w.fill(n, serde_json::json!({})).await?;
     let nc = async_nats::connect(&nats.url).await?;
-    let req = TaskRequest {
-        command: "echo".into(),
-        args: vec![serde_json::json!("ping")],
-        kwargs: Default::default(),
-        timeout_ms: None,
-    };
+    let req = echo_request();
     let payload = Bytes::from(serde_json::to_vec(&req)?);
     let (mut raw, mut ours) = (vec![], vec![]);
     for r in 0..rounds {
@@ -994,9 +990,9 @@ async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                         FanoutRequest {
                             select: Some("dev-*".into()),
                             labels: Default::default(),
-                            command: "echo".into(),
-                            args: vec![serde_json::json!("ping")],
-                            kwargs: Default::default(),
+                            command: req.command.clone(),
+                            args: req.args.clone(),
+                            kwargs: req.kwargs.clone(),
                             timeout_ms: None,
                         },
                         Duration::from_secs(120),
