@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub stop_timeout: Duration,
     /// Default deadline of a task when the request carries none.
     pub task_timeout: Duration,
+    /// Longest deadline a task may have: a request asking for more gets
+    /// this. Bounds how long a release waits for a task in flight.
+    pub max_task_deadline: Duration,
     /// Tasks that may wait for one workload; one more answers `busy` at once.
     pub queue_capacity: u32,
     /// Tasks one workload runs at the same time (a spec may raise it).
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             init_retry_max: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
             task_timeout: Duration::from_secs(30),
+            max_task_deadline: Duration::from_secs(15 * 60),
             queue_capacity: 64,
             task_concurrency: 1,
             max_payload: 1024 * 1024,
@@ -107,6 +111,12 @@ impl NodeConfig {
         }
         if self.init_retry_min.is_zero() || self.init_retry_max < self.init_retry_min {
             return Err("init retry: need 0 < min <= max".into());
+        }
+        if self.max_task_deadline < self.task_timeout {
+            return Err(format!(
+                "max_task_deadline ({:?}) must be at least task_timeout ({:?})",
+                self.max_task_deadline, self.task_timeout
+            ));
         }
         if self.restart.backoff_max < self.restart.backoff_min {
             return Err("restart backoff: need min <= max".into());

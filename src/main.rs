@@ -129,6 +129,10 @@ struct NodeArgs {
     /// Default task deadline [default: 30s].
     #[arg(long, env = "OTTOMATO_TASK_TIMEOUT", value_parser = humantime::parse_duration)]
     task_timeout: Option<Duration>,
+    /// Longest deadline a task may ask for; longer ones are cut to this. A
+    /// release (rebalance, drain) waits for tasks in flight up to it [default: 15m].
+    #[arg(long, env = "OTTOMATO_MAX_TASK_DEADLINE", value_parser = humantime::parse_duration)]
+    max_task_deadline: Option<Duration>,
     /// Workloads handed over at once when rebalancing or draining [default: 64].
     #[arg(long, env = "OTTOMATO_MAX_HANDOFFS")]
     max_handoffs: Option<usize>,
@@ -171,6 +175,7 @@ struct NodeFile {
     ping_timeout: Option<String>,
     init_timeout: Option<String>,
     task_timeout: Option<String>,
+    max_task_deadline: Option<String>,
     max_handoffs: Option<usize>,
     move_dead_after: Option<String>,
     max_moves: Option<u32>,
@@ -209,6 +214,8 @@ struct NodeSettings {
     init_timeout: Duration,
     #[serde(with = "human")]
     task_timeout: Duration,
+    #[serde(with = "human")]
+    max_task_deadline: Duration,
     max_handoffs: usize,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "human_opt")]
     move_dead_after: Option<Duration>,
@@ -292,6 +299,12 @@ fn resolve(conn: &commands::Conn, a: &NodeArgs) -> anyhow::Result<NodeSettings> 
         ping_timeout: dur(a.ping_timeout, &file.ping_timeout, "ping_timeout", "10s")?,
         init_timeout: dur(a.init_timeout, &file.init_timeout, "init_timeout", "25s")?,
         task_timeout: dur(a.task_timeout, &file.task_timeout, "task_timeout", "30s")?,
+        max_task_deadline: dur(
+            a.max_task_deadline,
+            &file.max_task_deadline,
+            "max_task_deadline",
+            "15m",
+        )?,
         max_handoffs: a.max_handoffs.or(file.max_handoffs).unwrap_or(64),
         move_dead_after: match a.move_dead_after {
             Some(d) => Some(d),
@@ -378,6 +391,7 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
         ping_timeout: st.ping_timeout,
         init_timeout: st.init_timeout,
         task_timeout: st.task_timeout,
+        max_task_deadline: st.max_task_deadline,
         ..Default::default()
     };
     let builder = Node::builder()

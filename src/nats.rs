@@ -531,6 +531,11 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
+    fn max_message(&self) -> Option<usize> {
+        // What the server said in its INFO (updated on every reconnect).
+        Some(self.client.server_info().max_payload).filter(|m| *m > 0)
+    }
+
     async fn publish(&self, subject: &str, message: Message) -> Result<(), TransportError> {
         let subject = subject.to_string();
         if message.headers.is_empty() {

@@ -13,7 +13,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -70,11 +70,8 @@ pub(crate) struct Shared {
     fanout: OnceLock<Arc<dyn RequestHandler>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     shutting_down: AtomicBool,
-    /// Start of the node's monotonic clock, for the lease.
-    epoch: Instant,
-    /// Nanoseconds after `epoch` until which this node may do device work;
-    /// `u64::MAX` when no lease applies (embedded mode).
-    lease_until: AtomicU64,
+    /// Until when this node may do device work (unlimited in embedded mode).
+    pub(crate) lease: guard::Lease,
 }
 
 impl Shared {
@@ -89,14 +86,13 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn slot(&self, id: &str) -> Option<Arc<Slot>> {
+    pub(crate) fn slot(&self, id: &str) -> Option<Arc<Slot>> {
         self.registry().get(id).cloned()
     }
 
     /// Whether this node may do device work now (an atomic read, no I/O).
     pub(crate) fn lease_valid(&self) -> bool {
-        let until = self.lease_until.load(Ordering::Acquire);
-        until == u64::MAX || (Instant::now() - self.epoch).as_nanos() < u128::from(until)
+        self.lease.valid()
     }
 
     /// Whether `slot` is still the node's record for its id.
@@ -141,16 +137,26 @@ impl Shared {
     /// The node has lost the right to run `slot`: stop it now, and do not
     /// touch its state key again.
     pub(crate) fn fence(&self, slot: &Arc<Slot>, reason: String) {
-        tracing::error!(workload = &*slot.id, %reason, "fencing workload");
-        {
+        let (was_deleting, actor) = {
             let mut g = slot.lock();
-            g.fenced = Some(reason.clone().into_boxed_str());
-            if g.deleting {
+            if g.fenced.is_some() {
                 return;
             }
+            g.fenced = Some(reason.clone().into_boxed_str());
+            let was = g.deleting;
             g.deleting = true;
-        }
+            (was, g.actor.clone())
+        };
+        tracing::error!(workload = &*slot.id, %reason, "fencing workload");
         slot.cancel_health_checks();
+        // Straight to the actor, so its calls are cancelled at once (also
+        // when a release is already under way: it becomes a fence).
+        if let Some(actor) = actor {
+            let _ = actor.send_message(WorkloadMsg::Stop);
+        }
+        if was_deleting {
+            return;
+        }
         self.events.emit(Event::Failed {
             workload: slot.id.clone(),
             reason: reason.clone(),
@@ -316,8 +322,14 @@ impl Shared {
         }
     }
 
+    /// Whether this node is sure it still owns `slot`: its lease holds and
+    /// the workload is not fenced.
+    pub(crate) fn owns(&self, slot: Option<&Arc<Slot>>) -> bool {
+        self.lease_valid() && slot.is_some_and(|s| s.lock().fenced.is_none())
+    }
+
     pub(crate) async fn run_task(&self, id: &str, task: Task, timeout: Duration) -> TaskResult {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(self.cfg.max_task_deadline);
         let command = task.command.clone();
         let (tx, rx) = ractor::concurrency::oneshot();
         let slot = self.slot(id);
@@ -340,6 +352,7 @@ impl Shared {
                 task,
                 result,
                 elapsed,
+                ..
             })) => self.result(id, slot.as_deref(), task, result, elapsed),
             Ok(Err(_)) => lost(
                 ErrorCode::Unavailable,
@@ -365,6 +378,14 @@ impl Shared {
         let held = slot.clone();
         let cont = Then::new(move |outcome: Option<TaskOutcome>| {
             let slot = held;
+            // A node that is not sure it owns the workload (lease run out,
+            // fenced, or the workload gone from it) stays silent: the owner's
+            // answer must be the only one. A device call that ran to its end
+            // here did run here, so its result is the truth and is sent.
+            if !outcome.as_ref().is_some_and(|o| o.ran) && !shared.owns(slot.as_ref()) {
+                tracing::debug!(workload = %key, "not answering: not sure this node owns it");
+                return Box::pin(async {}) as BoxFuture<'static, ()>;
+            }
             let result = match outcome {
                 Some(o) => shared.result(&key, slot.as_deref(), o.task, o.result, o.elapsed),
                 None => shared.result(
@@ -380,13 +401,14 @@ impl Shared {
             };
             then(result)
         });
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(self.cfg.max_task_deadline);
         if let Err(refused) = self.route(id, slot.as_ref(), task, deadline, Reply::Then(cont)) {
             let Refused(task, reply, code, msg) = *refused;
             reply.send(TaskOutcome {
                 task,
                 result: Err((code, msg)),
                 elapsed: Duration::ZERO,
+                ran: false,
             });
         }
     }
@@ -477,11 +499,13 @@ impl Node {
     /// Lets the node do device work until `until` (cluster mode: the last
     /// acknowledged heartbeat plus the TTL, minus a margin).
     pub(crate) fn renew_lease(&self, until: Instant) {
-        let ns = until
-            .saturating_duration_since(self.shared.epoch)
-            .as_nanos()
-            .min(u128::from(u64::MAX - 1)) as u64;
-        self.shared.lease_until.store(ns, Ordering::Release);
+        self.shared.lease.renew(until);
+    }
+
+    /// Ends the lease now: every device call in flight is cancelled at its
+    /// next poll and no new one starts.
+    pub(crate) fn revoke_lease(&self) {
+        self.shared.lease.revoke();
     }
 
     /// Whether the node may do device work now.
@@ -870,8 +894,7 @@ impl NodeBuilder {
             fanout: OnceLock::new(),
             supervisor: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
-            epoch: Instant::now(),
-            lease_until: AtomicU64::new(u64::MAX),
+            lease: guard::Lease::unlimited(),
         });
         let _ = shared.writer.set(state_writer::spawn(
             Arc::downgrade(&shared),

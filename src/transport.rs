@@ -82,6 +82,12 @@ pub trait Transport: Send + Sync + 'static {
         subject: &str,
         handler: &Arc<dyn RequestHandler>,
     ) -> Result<(), TransportError>;
+    /// The largest message (payload and headers) the transport carries, if
+    /// it has a limit (NATS: the server's `max_payload`).
+    fn max_message(&self) -> Option<usize> {
+        None
+    }
+
     /// Sends a message, expecting no answer.
     async fn publish(&self, subject: &str, message: Message) -> Result<(), TransportError>;
     /// Sends a request and waits for its one reply.

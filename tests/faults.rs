@@ -5,177 +5,21 @@
 //!
 //! "Exactly once" is checked twice: by a KV watcher (no owner change except
 //! from a node the test killed or froze) and by the simulated devices
-//! themselves, which trace every call with the calling process's pid
-//! ([`ottomato::actors::sim::trace::double_runs`]).
+//! themselves, which trace the start and end of every call with the calling
+//! process and instance ([`ottomato::actors::sim::trace::overlaps`]).
 
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ottomato::actors::sim::trace::{double_runs, read_trace, TraceLine};
 use serde_json::{json, Value};
+use support::fleet::{
+    add_traced, all_running_on, answered_by_owners, assert_single_drivers, ids, settle,
+    traced_fleet, TTL,
+};
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
-
-const TTL: Duration = Duration::from_secs(5);
-
-async fn add_traced(op: &Operator, ids: &[String], trace: &Path, extra: Value) {
-    for id in ids {
-        let mut spec = json!({"kind": "sim", "config": {"trace": trace}});
-        if let Value::Object(m) = &extra {
-            for (k, v) in m {
-                spec[k] = v.clone();
-            }
-        }
-        op.add(id, spec).await;
-    }
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}{i:04}")).collect()
-}
-
-/// Waits until every id is `running` under an owner in `owners`.
-async fn all_running_on(
-    op: &Operator,
-    ids: &[String],
-    owners: &[&str],
-    secs: u64,
-) -> HashMap<String, String> {
-    eventually(
-        secs,
-        "all workloads running on the expected nodes",
-        || async {
-            let snap = op.snapshot().await;
-            let mut out = HashMap::new();
-            for id in ids {
-                match snap.get(id) {
-                    Some((o, s)) if s == "running" && owners.contains(&o.as_str()) => {
-                        out.insert(id.clone(), o.clone());
-                    }
-                    _ => return None,
-                }
-            }
-            Some(out)
-        },
-    )
-    .await
-}
-
-/// Every workload answers a task successfully, from the node the state
-/// bucket names as its owner at that moment. Retried as a whole to a
-/// deadline: right after an outage a node may still be fencing and
-/// re-claiming (it refuses device work meanwhile, which is the point).
-async fn answered_by_owners(op: &Operator, owners: &HashMap<String, String>) {
-    let ids: Vec<&String> = owners.keys().collect();
-    eventually(30, "every workload answered by its owner", || async {
-        let snap = op.snapshot().await;
-        for id in &ids {
-            let (owner, _) = snap.get(*id)?;
-            let reply = op
-                .client
-                .request(
-                    format!("otto.task.{id}"),
-                    Bytes::from_static(br#"{"command":"hello"}"#),
-                )
-                .await
-                .ok()?;
-            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
-            if v["success"] != true || v["workerId"] != owner.as_str() {
-                eprintln!("{id}: not yet answered by its owner {owner}: {v}");
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-}
-
-/// Waits (to a deadline) until every id runs and owners have not changed for `quiet`.
-async fn settle(
-    op: &Operator,
-    ids: &[String],
-    quiet: Duration,
-    secs: u64,
-) -> HashMap<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last = HashMap::new();
-    let mut since = Instant::now();
-    loop {
-        let snap = op.snapshot().await;
-        let now: HashMap<String, String> = ids
-            .iter()
-            .filter_map(|id| match snap.get(id) {
-                Some((o, s)) if s == "running" => Some((id.clone(), o.clone())),
-                _ => None,
-            })
-            .collect();
-        if now.len() != ids.len() || now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "placement did not settle within {secs} s ({} of {} running)",
-            last.len(),
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// `n` sim workloads named `<prefix>NNNN` whose devices trace every call,
-/// on node processes a, b and c (connected to `urls`, with `extra` options),
-/// settled: the fleet each fault test starts from.
-struct Fleet {
-    _logs: TempDir,
-    trace: PathBuf,
-    ids: Vec<String>,
-    nodes: Vec<NodeProc>,
-    owners: HashMap<String, String>,
-}
-
-async fn traced_fleet(
-    op: &Operator,
-    urls: &str,
-    prefix: &str,
-    n: usize,
-    extra: &[&str],
-    secs: u64,
-) -> Fleet {
-    let logs = TempDir::new("logs");
-    let trace = logs.0.join("trace.log");
-    let ids = ids(prefix, n);
-    add_traced(op, &ids, &trace, json!({})).await;
-    let nodes: Vec<NodeProc> = ["a", "b", "c"]
-        .iter()
-        .map(|name| NodeProc::start(urls, name, &logs.0, extra))
-        .collect();
-    let owners = settle(op, &ids, Duration::from_secs(2), secs).await;
-    Fleet {
-        _logs: logs,
-        trace,
-        ids,
-        nodes,
-        owners,
-    }
-}
-
-/// Asserts that no device was driven by two processes at once; the trace.
-fn assert_single_drivers(trace: &Path) -> Vec<TraceLine> {
-    let lines = read_trace(trace);
-    let bad = double_runs(&lines);
-    assert!(
-        bad.is_empty(),
-        "devices driven twice: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    lines
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
@@ -193,7 +37,7 @@ async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
 
     op.gone.lock().unwrap().insert("b".into());
     let killed = Instant::now();
-    fleet.nodes[1].kill();
+    fleet.kill(1);
     all_running_on(&op, &victims, &["a", "c"], 30).await;
     let took = killed.elapsed();
     assert!(
@@ -205,7 +49,7 @@ async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
     let owners = all_running_on(&op, &fleet.ids, &["a", "c"], 30).await;
     answered_by_owners(&op, &owners).await;
     op.assert_no_double_owner();
-    assert_single_drivers(&fleet.trace);
+    assert_single_drivers(&fleet.trace, &fleet.died);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +83,7 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     let owners = settle(&op, ids, Duration::from_secs(3), 90).await;
     answered_by_owners(&op, &owners).await;
     op.assert_no_double_owner();
-    let trace_lines = assert_single_drivers(&fleet.trace);
+    let trace_lines = assert_single_drivers(&fleet.trace, &fleet.died);
     // No stale actor on the resumed node: in the last second, each device is
     // pinged by one process only, the one whose node owns it.
     let pids: HashMap<u32, &str> = [(a.pid(), "a"), (b.pid(), "b"), (c.pid(), "c")].into();
@@ -251,7 +95,7 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     let mut pingers: HashMap<&str, HashSet<&str>> = HashMap::new();
     for t in trace_lines
         .iter()
-        .filter(|t| t.ns > cutoff && t.event == "ping")
+        .filter(|t| t.ns > cutoff && t.event == "ping" && t.start)
     {
         pingers.entry(&t.id).or_default().insert(pids[&t.pid]);
     }
@@ -289,7 +133,7 @@ async fn a_nats_server_restart_loses_nothing() {
     // No spec lost.
     assert_eq!(op.spec_count().await, fleet.ids.len());
     answered_by_owners(&op, &owners).await;
-    assert_single_drivers(&fleet.trace);
+    assert_single_drivers(&fleet.trace, &fleet.died);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +179,7 @@ async fn losing_one_server_of_a_three_server_cluster_is_survived() {
     let owners = settle(&op, &fleet.ids, Duration::from_secs(3), 120).await;
     answered_by_owners(&op, &owners).await;
     assert_eq!(op.spec_count().await, fleet.ids.len(), "a spec was lost");
-    assert_single_drivers(&fleet.trace);
+    assert_single_drivers(&fleet.trace, &fleet.died);
     drop(fleet); // nodes before servers
     drop(servers);
 }

@@ -9,7 +9,7 @@
 //! | `stop_ms` | how long `stop` takes | 0 |
 //! | `init_fail_rate` | probability (0–1) that an `init` attempt fails | 0 |
 //! | `ping_fail_rate` | probability (0–1) that a ping fails (flapping) | 0 |
-//! | `trace` | append one line per init/ping/task/stop to this file: `<unix ns> <pid> <event> <id>` (tests use it to prove no device is driven by two processes at once) | none |
+//! | `trace` | append two lines per init/ping/task/stop to this file, one when the call starts and one when it ends (also when it is cancelled): `<unix ns> <pid> <event> <id> <instance> start\|end` (tests use it to prove no device is driven by two instances at once) | none |
 //!
 //! Commands: `echo` (returns `{"args", "kwargs"}`), `hello` (returns a
 //! greeting), `sleep` (kwarg `ms`), `fail` (returns an error, kwarg `message`),
@@ -89,6 +89,21 @@ pub struct SimDevice {
     ping_fail_rate_bits: AtomicU32,
     pings: AtomicU64,
     trace: Option<Box<std::path::Path>>,
+    /// Random id of this instance (a restart builds a new one).
+    instance: u64,
+}
+
+/// Writes the `end` line of a traced call when dropped: also when the call
+/// is cancelled (its future dropped) before it finished.
+struct Traced<'a> {
+    device: &'a SimDevice,
+    event: &'static str,
+}
+
+impl Drop for Traced<'_> {
+    fn drop(&mut self) {
+        self.device.trace_line(self.event, "end");
+    }
 }
 
 impl SimDevice {
@@ -103,15 +118,30 @@ impl SimDevice {
             ping_fail_rate_bits: AtomicU32::new(cfg.ping_fail_rate.to_bits()),
             pings: AtomicU64::new(0),
             trace: cfg.trace.map(|p| p.into_boxed_path()),
+            instance: rand::random(),
         }
     }
 
-    fn trace(&self, event: &str) {
+    /// Traces the start of a call now and its end when the guard drops.
+    fn trace(&self, event: &'static str) -> Traced<'_> {
+        self.trace_line(event, "start");
+        Traced {
+            device: self,
+            event,
+        }
+    }
+
+    fn trace_line(&self, event: &str, phase: &str) {
         let Some(path) = &self.trace else { return };
         let ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let line = format!("{ns} {} {event} {}\n", std::process::id(), self.id);
+        let line = format!(
+            "{ns} {} {event} {} {:016x} {phase}\n",
+            std::process::id(),
+            self.id,
+            self.instance
+        );
         // One write of a short line with O_APPEND: lines from many processes never mix.
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -140,7 +170,7 @@ async fn pause(ms: u64) {
 #[async_trait]
 impl Workload for SimDevice {
     async fn init(&self) -> Result<(), WorkloadError> {
-        self.trace("init");
+        let _call = self.trace("init");
         pause(self.init_ms).await;
         if chance(self.init_fail_rate) {
             return Err(WorkloadError::new("simulated init failure"));
@@ -149,7 +179,7 @@ impl Workload for SimDevice {
     }
 
     async fn ping(&self) -> Result<(), WorkloadError> {
-        self.trace("ping");
+        let _call = self.trace("ping");
         pause(u64::from(self.ping_ms.load(Ordering::Relaxed))).await;
         self.pings.fetch_add(1, Ordering::Relaxed);
         if chance(self.ping_fail_rate()) {
@@ -159,7 +189,7 @@ impl Workload for SimDevice {
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {
-        self.trace("task");
+        let _call = self.trace("task");
         match task.command.as_str() {
             "echo" => Ok(json!({ "args": task.args, "kwargs": task.kwargs })),
             "hello" => Ok(Value::String(format!("hello from {}", self.id))),
@@ -206,7 +236,7 @@ impl Workload for SimDevice {
     }
 
     async fn stop(&self) -> Result<(), WorkloadError> {
-        self.trace("stop");
+        let _call = self.trace("stop");
         pause(self.stop_ms).await;
         Ok(())
     }
@@ -277,8 +307,9 @@ mod tests {
 }
 
 /// Reading the `trace` files sim devices write, and checking that no device
-/// was ever driven by two processes at once (tests and `ottomato bench` use it).
+/// was ever driven by two instances at once (tests and `ottomato bench` use it).
 pub mod trace {
+    use std::collections::HashMap;
     use std::path::Path;
 
     /// One line of a sim device trace.
@@ -292,6 +323,10 @@ pub mod trace {
         pub event: String,
         /// The workload id.
         pub id: String,
+        /// The device instance (hex), unique per process and restart.
+        pub instance: String,
+        /// Whether the call started (`true`) or ended here.
+        pub start: bool,
     }
 
     /// Every line of a trace file, in time order (unreadable lines skipped).
@@ -306,6 +341,8 @@ pub mod trace {
                     pid: it.next()?.parse().ok()?,
                     event: it.next()?.to_string(),
                     id: it.next()?.to_string(),
+                    instance: it.next()?.to_string(),
+                    start: it.next()? == "start",
                 })
             })
             .collect();
@@ -313,44 +350,91 @@ pub mod trace {
         v
     }
 
-    /// Moments when two processes drove the same device: process A worked on a
-    /// device, then B did, then A again without having stopped (or re-initialised)
-    /// it in between. Empty when every device was driven by one process at a time.
-    pub fn double_runs(trace: &[TraceLine]) -> Vec<String> {
-        use std::collections::{HashMap, HashSet};
-        let mut by_id: HashMap<&str, Vec<&TraceLine>> = HashMap::new();
+    /// One device call, from its start to its end (`None`: never ended).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Call {
+        /// The device (workload id).
+        pub device: String,
+        /// Who drove it: a process and device instance.
+        pub instance: String,
+        /// What the call was (`init`, `ping`, `task`, `stop`).
+        pub what: String,
+        /// Start, in any monotonic unit shared by all calls.
+        pub start: u128,
+        /// End, in the same unit.
+        pub end: Option<u128>,
+    }
+
+    /// Pairs the start and end lines of a trace into calls. A call of a
+    /// process in `died` (pid → time of death) that never ended ends then.
+    pub fn calls(trace: &[TraceLine], died: &HashMap<u32, u128>) -> Vec<Call> {
+        let mut open: HashMap<(String, String, String), Vec<usize>> = HashMap::new();
+        let mut out: Vec<Call> = Vec::new();
         for t in trace {
-            by_id.entry(&t.id).or_default().push(t);
+            let instance = format!("{}/{}", t.pid, t.instance);
+            let key = (t.id.clone(), instance.clone(), t.event.clone());
+            if t.start {
+                open.entry(key).or_default().push(out.len());
+                out.push(Call {
+                    device: t.id.clone(),
+                    instance,
+                    what: t.event.clone(),
+                    start: t.ns,
+                    end: None,
+                });
+            } else if let Some(i) = open.get_mut(&key).and_then(|v| {
+                // Calls of one kind on one instance end in any order; pair
+                // with the earliest open one (only the union matters).
+                if v.is_empty() {
+                    None
+                } else {
+                    Some(v.remove(0))
+                }
+            }) {
+                out[i].end = Some(t.ns);
+            }
         }
-        let mut bad = vec![];
-        for (id, events) in by_id {
-            let mut current: Option<u32> = None;
-            let mut interrupted: HashSet<u32> = HashSet::new();
-            for e in events {
-                match e.event.as_str() {
-                    "stop" => {
-                        interrupted.remove(&e.pid);
-                        if current == Some(e.pid) {
-                            current = None;
-                        }
+        for c in &mut out {
+            if c.end.is_none() {
+                let pid: Option<u32> = c.instance.split('/').next().and_then(|p| p.parse().ok());
+                c.end = pid.and_then(|p| died.get(&p)).copied();
+            }
+        }
+        out
+    }
+
+    /// Every pair of calls on one device by two different instances whose
+    /// intervals overlap (a call that never ended lasts forever). Empty when
+    /// every device was driven by at most one instance at any moment.
+    pub fn overlaps(calls: &[Call]) -> Vec<String> {
+        let mut by_device: HashMap<&str, Vec<&Call>> = HashMap::new();
+        for c in calls {
+            by_device.entry(&c.device).or_default().push(c);
+        }
+        let mut bad = Vec::new();
+        for (device, mut cs) in by_device {
+            cs.sort_by_key(|c| c.start);
+            // Sweep: the call reaching furthest so far, per instance.
+            let mut reach: Option<&Call> = None;
+            for c in cs {
+                if let Some(r) = reach {
+                    let r_end = r.end.unwrap_or(u128::MAX);
+                    if r.instance != c.instance && c.start < r_end {
+                        bad.push(format!(
+                            "{device}: {} of {} ({}..{}) overlaps {} of {} (from {})",
+                            r.what,
+                            r.instance,
+                            r.start,
+                            r.end.map_or("never ended".into(), |e| e.to_string()),
+                            c.what,
+                            c.instance,
+                            c.start
+                        ));
                     }
-                    ev => {
-                        if ev == "init" {
-                            interrupted.remove(&e.pid);
-                        }
-                        if interrupted.contains(&e.pid) {
-                            bad.push(format!(
-                                "{id}: pid {} worked again at {} after another pid took over",
-                                e.pid, e.ns
-                            ));
-                        }
-                        if let Some(q) = current {
-                            if q != e.pid {
-                                interrupted.insert(q);
-                            }
-                        }
-                        current = Some(e.pid);
-                    }
+                }
+                let c_end = c.end.unwrap_or(u128::MAX);
+                if reach.is_none_or(|r| r.end.unwrap_or(u128::MAX) < c_end) {
+                    reach = Some(c);
                 }
             }
         }
@@ -361,43 +445,61 @@ pub mod trace {
     mod tests {
         use super::*;
 
+        fn call(instance: &str, start: u128, end: Option<u128>) -> Call {
+            Call {
+                device: "w".into(),
+                instance: instance.into(),
+                what: "task".into(),
+                start,
+                end,
+            }
+        }
+
         #[test]
-        fn double_run_detector_flags_interleaving_only() {
-            let line = |ns, pid, event: &str| TraceLine {
+        fn overlap_checker_flags_intervals_not_starts() {
+            // Clean handover: A's calls all end before B's start.
+            let ok = [
+                call("A", 1, Some(5)),
+                call("A", 2, Some(6)),
+                call("B", 7, Some(9)),
+            ];
+            assert!(overlaps(&ok).is_empty());
+            // A long task of A still running when B initialises: flagged,
+            // although every *start* of A precedes every start of B.
+            let slow = [
+                call("A", 1, Some(20)),
+                call("A", 2, Some(3)),
+                call("B", 10, Some(11)),
+            ];
+            assert_eq!(overlaps(&slow).len(), 1, "{:?}", overlaps(&slow));
+            // A call that never ended (frozen, never resumed) overlaps what follows.
+            let frozen = [call("A", 1, None), call("B", 10, Some(11))];
+            assert_eq!(overlaps(&frozen).len(), 1);
+            // Concurrent calls of one instance are fine.
+            let same = [call("A", 1, Some(10)), call("A", 2, Some(4))];
+            assert!(overlaps(&same).is_empty());
+        }
+
+        #[test]
+        fn trace_lines_pair_into_calls_and_death_ends_them() {
+            let line = |ns, pid, inst: &str, start| TraceLine {
                 ns,
                 pid,
-                event: event.into(),
+                event: "task".into(),
                 id: "w".into(),
+                instance: inst.into(),
+                start,
             };
-            // Clean handover: A stops, B starts, later A takes it back.
-            let ok = [
-                line(1, 1, "init"),
-                line(2, 1, "ping"),
-                line(3, 1, "stop"),
-                line(4, 2, "init"),
-                line(5, 2, "ping"),
-                line(6, 2, "stop"),
-                line(7, 1, "init"),
-                line(8, 1, "ping"),
+            let t = [
+                line(1, 1, "a", true),
+                line(5, 2, "b", true),
+                line(6, 2, "b", false),
             ];
-            assert!(double_runs(&ok).is_empty());
-            // Killed A never comes back: fine.
-            let killed = [
-                line(1, 1, "init"),
-                line(2, 1, "ping"),
-                line(4, 2, "init"),
-                line(5, 2, "ping"),
-            ];
-            assert!(double_runs(&killed).is_empty());
-            // A frozen, B takes over, A resumes pinging: a double run.
-            let stale = [
-                line(1, 1, "init"),
-                line(2, 1, "ping"),
-                line(4, 2, "init"),
-                line(5, 2, "ping"),
-                line(6, 1, "ping"),
-            ];
-            assert_eq!(double_runs(&stale).len(), 1);
+            // pid 1 killed at 3: its open call ended then; no overlap.
+            let died = HashMap::from([(1, 3)]);
+            assert!(overlaps(&calls(&t, &died)).is_empty());
+            // Not known dead: its call never ended, and B's overlaps it.
+            assert_eq!(overlaps(&calls(&t, &HashMap::new())).len(), 1);
         }
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use ottomato::actors::sim::trace::{double_runs, read_trace};
+use ottomato::actors::sim::trace::{calls, overlaps, read_trace};
 use ottomato::client::{Client, FanoutEvent};
 use ottomato::subjects::ENCODING_HEADER;
 use ottomato::wire::{bin, FanoutRequest, TaskRequest};
@@ -775,7 +775,11 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
     });
     progress(&format!("kill -9 {victim} holding {}", theirs.len()));
     let killed = Instant::now();
+    let victim_pid = nodes[0].pid();
     nodes[0].kill();
+    let died_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let done = w
         .until(
             "victim's workloads running elsewhere",
@@ -790,7 +794,10 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
         )
         .await?;
     let took = done - killed;
-    let doubles = double_runs(&read_trace(&trace));
+    // Device calls of two instances that overlapped (the killed node's
+    // calls in flight ended when it died).
+    let died = std::collections::HashMap::from([(victim_pid, died_at)]);
+    let doubles = overlaps(&calls(&read_trace(&trace), &died));
     let beyond = took.as_secs_f64() - TTL.as_secs_f64();
     Ok(vec![
         Row {

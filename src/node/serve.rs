@@ -28,6 +28,11 @@ impl RequestHandler for TaskServer {
             return; // a publish without a reply subject: nobody to answer
         };
         let id = shared.subjects.parse_task(subject).unwrap_or(subject);
+        if !shared.owns(shared.slot(id).as_ref()) {
+            // Lease run out, fenced, or released: another node may own it
+            // now, and its answer must be the only one. Stay silent.
+            return;
+        }
         // Decoding happens here, in the dispatcher; the answer is encoded and
         // published by the task's own tokio task (no task waits per request).
         let bincode = match request.header(ENCODING_HEADER) {
@@ -66,17 +71,57 @@ impl RequestHandler for TaskServer {
     }
 }
 
+fn encode(result: &TaskResult, bincode: bool) -> Message {
+    if bincode {
+        Message::new(bin::encode_result(result)).with_header(ENCODING_HEADER, bin::BINCODE_V1)
+    } else {
+        // A Value tree from serde_json always serialises.
+        Message::new(serde_json::to_vec(result).unwrap_or_default())
+    }
+}
+
+/// Bytes a message takes against the transport's limit.
+fn message_size(m: &Message) -> usize {
+    m.payload.len()
+        + m.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+        + if m.headers.is_empty() { 0 } else { 12 }
+}
+
+/// `message`, or — when it is larger than the transport carries — the
+/// encoding of an error result saying so (without the task's arguments,
+/// which may be what made it large).
+pub(crate) fn fit(
+    shared: &Shared,
+    result: &TaskResult,
+    message: Message,
+    bincode: bool,
+) -> Message {
+    let size = message_size(&message);
+    match shared.transport.max_message() {
+        Some(max) if size > max => {
+            let mut r = result.clone();
+            r.args = Vec::new();
+            r.kwargs = Default::default();
+            r.ret = serde_json::Value::Null;
+            r.success = false;
+            r.error_code = Some(ErrorCode::PayloadTooLarge);
+            r.error = Some(format!(
+                "the result of {:?} is {size} bytes; the NATS server carries at most {max} \
+                 bytes per message (its max_payload): return less, or raise max_payload",
+                result.command
+            ));
+            encode(&r, bincode)
+        }
+        _ => message,
+    }
+}
+
 /// Encodes a result as the request was encoded and publishes it.
 async fn send_result(shared: Arc<Shared>, reply: String, result: TaskResult, bincode: bool) {
-    let message = if bincode {
-        Message::new(bin::encode_result(&result)).with_header(ENCODING_HEADER, bin::BINCODE_V1)
-    } else {
-        match serde_json::to_vec(&result) {
-            Ok(p) => Message::new(p),
-            // A Value tree from serde_json always serialises.
-            Err(_) => return,
-        }
-    };
+    let message = fit(&shared, &result, encode(&result, bincode), bincode);
     if let Err(e) = shared.transport.publish(&reply, message).await {
         tracing::warn!(workload = %result.workload, error = %e, "could not send a task reply");
     }
@@ -183,10 +228,18 @@ impl RequestHandler for FanoutServer {
                         })
                         .buffer_unordered(FANOUT_CONCURRENCY);
                     while let Some(r) = stream.next().await {
-                        if let Ok(p) = serde_json::to_vec(&r) {
-                            send(p).await;
-                            results += 1;
+                        let not_ours = !r.success
+                            && matches!(
+                                r.error_code,
+                                Some(ErrorCode::Unavailable | ErrorCode::NotFound)
+                            )
+                            && !shared.lease_valid();
+                        if not_ours {
+                            continue; // not sure we own it: its owner answers
                         }
+                        let m = fit(&shared, &r, encode(&r, false), false);
+                        send(m.payload.to_vec()).await;
+                        results += 1;
                     }
                 }
             }

@@ -7,6 +7,14 @@
 //! delete is seen while a task hangs. A panic in device code comes back as
 //! `DevicePanicked`, and the actor then fails on purpose so the supervisor
 //! restarts it with a fresh instance.
+//!
+//! **Invariant:** the actor exits (and so its key is released, or a fresh
+//! instance is started) only after every device call of its instance has
+//! ended — finished, timed out or cancelled — and, unless the instance is
+//! abandoned, after the device's `stop` returned or timed out. A fenced
+//! instance, or one whose node lost its lease, is abandoned: its calls are
+//! cancelled and `stop` is not called (the device may belong to another
+//! node by now).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,10 +24,10 @@ use futures::future::BoxFuture;
 use ottomato_actors::{Task, TaskError, Workload};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::guard::{guarded, Guarded};
+use super::guard::{guarded, Guarded, LEASE_LOST};
 use super::slot::Slot;
 use super::Shared;
 use crate::config::backoff;
@@ -28,14 +36,14 @@ use crate::status::Status;
 use crate::wire::ErrorCode;
 
 /// What a task came to: the task back (so the caller needn't clone it), the
-/// return value or an error code and message, and how long the device took.
-const LEASE_LOST: &str =
-    "node lease expired (paused or cut off from the cluster): not touching the device";
-
+/// return value or an error code and message, how long the device took, and
+/// whether device code ran to an end of its own (`false`: refused, or
+/// cancelled before it finished).
 pub(crate) struct TaskOutcome {
     pub(crate) task: Task,
     pub(crate) result: Result<Value, (ErrorCode, String)>,
     pub(crate) elapsed: Duration,
+    pub(crate) ran: bool,
 }
 
 pub(crate) struct QueuedTask {
@@ -111,6 +119,7 @@ impl QueuedTask {
             task: self.task,
             result: Err((code, message.into())),
             elapsed: Duration::ZERO,
+            ran: false,
         });
     }
 }
@@ -126,13 +135,14 @@ pub(crate) enum WorkloadMsg {
     PingDone(Guarded<Result<(), String>>),
     /// Run a task (from the node API or a transport).
     RunTask(QueuedTask),
-    /// A task finished and was answered; start the next.
+    /// A task ended and was answered; start the next.
     TaskDone,
     /// A queued task's deadline is due: answer the expired ones.
     ExpireQueued,
     /// Device code panicked in a spawned call: fail so the supervisor restarts us.
     DevicePanicked(String),
-    /// Delete requested: stop the device and exit.
+    /// Delete (or fence) requested: end the instance and exit. Sent again
+    /// when a release in progress becomes a fence.
     Stop,
     /// The device's stop ended.
     StopDone(Guarded<Result<(), String>>),
@@ -150,7 +160,20 @@ pub(crate) struct WorkloadArgs {
 enum Phase {
     Initializing,
     Ready,
-    Stopping,
+    /// Ending the instance; the actor exits once every call has ended.
+    Stopping(Ending),
+}
+
+/// Why an instance ends.
+#[derive(PartialEq, Clone)]
+enum Ending {
+    /// Deleted or released: tasks in flight finish, then `stop` runs.
+    Release,
+    /// Fenced: calls are cancelled, `stop` is not called.
+    Fence,
+    /// Device code panicked: calls are cancelled, `stop` runs, then the
+    /// actor fails so the supervisor starts a fresh instance.
+    Fail(String),
 }
 
 pub(crate) struct WorkloadState {
@@ -159,11 +182,16 @@ pub(crate) struct WorkloadState {
     device: Arc<dyn Workload>,
     phase: Phase,
     init_attempts: u32,
-    init_task: Option<AbortHandle>,
+    /// Cancels every device call of this instance.
+    cancel: CancellationToken,
+    /// Cancels the init attempt in flight (a release does not wait for it).
+    init_cancel: Option<CancellationToken>,
     ping_in_flight: bool,
     ping_failures: u32,
     queue: VecDeque<QueuedTask>,
     running: u32,
+    /// The device's `stop` is running.
+    stop_in_flight: bool,
 }
 
 impl WorkloadState {
@@ -203,9 +231,13 @@ impl WorkloadState {
     fn start_tasks(&mut self, myself: &ActorRef<WorkloadMsg>) {
         if !self.shared.lease_valid() {
             // Paused or cut off past the lease: another node may own this
-            // workload now. No device work until the node sorts it out.
+            // workload now. No device work until the node sorts it out
+            // (these answers are not published: see `Shared::submit_task`).
             self.drain_queue(ErrorCode::Unavailable, LEASE_LOST);
             return;
+        }
+        if self.slot.lock().deleting {
+            return; // a delete or fence is on its way: start nothing new
         }
         while self.running < self.concurrency() {
             let Some(q) = self.queue.pop_front() else {
@@ -219,6 +251,8 @@ impl WorkloadState {
             self.running += 1;
             let device = self.device.clone();
             let myself = myself.clone();
+            let shared = self.shared.clone();
+            let cancel = self.cancel.clone();
             tokio::spawn(async move {
                 let QueuedTask {
                     task,
@@ -226,10 +260,17 @@ impl WorkloadState {
                     reply,
                 } = q;
                 let started = Instant::now();
-                let ran = guarded(deadline - started, device.run_task(&task)).await;
+                let call = guarded(
+                    deadline - started,
+                    &shared.lease,
+                    &cancel,
+                    device.run_task(&task),
+                )
+                .await;
                 let elapsed = started.elapsed();
+                let ran = call.ran();
                 let mut panicked = None;
-                let result = match ran {
+                let result = match call {
                     Guarded::Done(Ok(v)) => Ok(v),
                     Guarded::Done(Err(e)) => Err(task_error(e)),
                     Guarded::TimedOut(d) => Err((
@@ -240,11 +281,13 @@ impl WorkloadState {
                         panicked = Some(m.clone());
                         Err((ErrorCode::Panicked, format!("device panicked: {m}")))
                     }
+                    Guarded::Cancelled(why) => Err((ErrorCode::Unavailable, why.to_string())),
                 };
                 let outcome = TaskOutcome {
                     task,
                     result,
                     elapsed,
+                    ran,
                 };
                 match reply {
                     Reply::Caller(tx) => {
@@ -261,7 +304,7 @@ impl WorkloadState {
     }
 
     fn start_init(&mut self, myself: &ActorRef<WorkloadMsg>) {
-        if !self.shared.lease_valid() {
+        if !self.shared.lease_valid() || self.slot.lock().deleting {
             myself.send_after(Duration::from_millis(500), || WorkloadMsg::Init);
             return;
         }
@@ -269,11 +312,14 @@ impl WorkloadState {
         let device = self.device.clone();
         let myself = myself.clone();
         let limit = self.shared.cfg.init_timeout;
-        let handle = tokio::spawn(async move {
-            let r = guarded(limit, async { device.init().await.map_err(|e| e.0) }).await;
+        let shared = self.shared.clone();
+        let cancel = self.cancel.child_token();
+        self.init_cancel = Some(cancel.clone());
+        tokio::spawn(async move {
+            let init = async { device.init().await.map_err(|e| e.0) };
+            let r = guarded(limit, &shared.lease, &cancel, init).await;
             let _ = myself.send_message(WorkloadMsg::InitDone(r));
         });
-        self.init_task = Some(handle.abort_handle());
     }
 
     fn on_init_done(
@@ -281,8 +327,9 @@ impl WorkloadState {
         myself: &ActorRef<WorkloadMsg>,
         r: Guarded<Result<(), String>>,
     ) -> Result<(), ActorProcessingErr> {
-        self.init_task = None;
+        self.init_cancel = None;
         if self.phase != Phase::Initializing {
+            self.finish_if_idle(myself);
             return Ok(());
         }
         let error = match r {
@@ -301,6 +348,7 @@ impl WorkloadState {
             }
             Guarded::Done(Err(e)) => e,
             Guarded::TimedOut(d) => format!("init timed out after {d:?}"),
+            Guarded::Cancelled(why) => why.to_string(),
             Guarded::Panicked(m) => return Err(format!("init panicked: {m}").into()),
         };
         let cfg = &self.shared.cfg;
@@ -328,23 +376,38 @@ impl WorkloadState {
     }
 
     fn start_ping(&mut self, myself: &ActorRef<WorkloadMsg>) {
-        if self.phase != Phase::Ready || self.ping_in_flight || !self.shared.lease_valid() {
+        if self.phase != Phase::Ready
+            || self.ping_in_flight
+            || !self.shared.lease_valid()
+            || self.slot.lock().deleting
+        {
             return;
         }
         self.ping_in_flight = true;
         let device = self.device.clone();
         let myself = myself.clone();
         let limit = self.shared.cfg.ping_timeout;
+        let shared = self.shared.clone();
+        let cancel = self.cancel.clone();
         tokio::spawn(async move {
-            let r = guarded(limit, async { device.ping().await.map_err(|e| e.0) }).await;
+            let ping = async { device.ping().await.map_err(|e| e.0) };
+            let r = guarded(limit, &shared.lease, &cancel, ping).await;
             let _ = myself.send_message(WorkloadMsg::PingDone(r));
         });
     }
 
-    fn on_ping_done(&mut self, r: Guarded<Result<(), String>>) -> Result<(), ActorProcessingErr> {
+    fn on_ping_done(
+        &mut self,
+        myself: &ActorRef<WorkloadMsg>,
+        r: Guarded<Result<(), String>>,
+    ) -> Result<(), ActorProcessingErr> {
         self.ping_in_flight = false;
         if self.phase != Phase::Ready {
+            self.finish_if_idle(myself);
             return Ok(());
+        }
+        if let Guarded::Cancelled(_) = r {
+            return Ok(()); // says nothing about the device
         }
         self.slot.lock().last_ping = Some(std::time::SystemTime::now());
         let error = match r {
@@ -363,6 +426,7 @@ impl WorkloadState {
             }
             Guarded::Done(Err(e)) => e,
             Guarded::TimedOut(d) => format!("ping timed out after {d:?}"),
+            Guarded::Cancelled(why) => why.to_string(),
             Guarded::Panicked(m) => return Err(format!("ping panicked: {m}").into()),
         };
         self.ping_failures += 1;
@@ -400,8 +464,12 @@ impl WorkloadState {
     }
 
     fn on_run_task(&mut self, myself: &ActorRef<WorkloadMsg>, q: QueuedTask) {
-        if self.phase == Phase::Stopping {
-            return q.refuse(ErrorCode::Unavailable, "workload is being deleted");
+        if let Phase::Stopping(ending) = &self.phase {
+            let why = match ending {
+                Ending::Fail(_) => "workload is restarting after a failure",
+                _ => "workload is being deleted",
+            };
+            return q.refuse(ErrorCode::Unavailable, why);
         }
         if self.queue.len() >= self.queue_capacity() {
             return q.refuse(
@@ -436,32 +504,93 @@ impl WorkloadState {
         }
     }
 
-    fn start_stop(&mut self, myself: &ActorRef<WorkloadMsg>) {
-        if self.phase == Phase::Stopping {
+    /// Starts ending the instance (or makes an ending release a fence).
+    fn start_stop(&mut self, myself: &ActorRef<WorkloadMsg>, ending: Ending) {
+        let ending = if self.slot.lock().fenced.is_some() {
+            Ending::Fence
+        } else {
+            ending
+        };
+        match &self.phase {
+            Phase::Stopping(current) if *current == ending || ending != Ending::Fence => return,
+            _ => {}
+        }
+        let first = !matches!(self.phase, Phase::Stopping(_));
+        self.phase = Phase::Stopping(ending.clone());
+        self.slot.cancel_health_checks();
+        match &ending {
+            Ending::Release => {
+                // Tasks in flight finish (their deadlines are bounded);
+                // an init attempt does not need to.
+                if let Some(c) = self.init_cancel.take() {
+                    c.cancel();
+                }
+            }
+            Ending::Fence | Ending::Fail(_) => self.cancel.cancel(),
+        }
+        if first {
+            let why = match &ending {
+                Ending::Fail(m) => format!("workload is restarting after a failure: {m}"),
+                _ => "workload is being deleted".to_string(),
+            };
+            self.drain_queue(ErrorCode::Unavailable, &why);
+            if ending == Ending::Release {
+                self.transition(Status::Stopping, None, None);
+            }
+        }
+        self.finish_if_idle(myself);
+    }
+
+    /// Once no call of the instance is in flight: run the device's `stop`
+    /// (unless the instance is abandoned), then exit.
+    fn finish_if_idle(&mut self, myself: &ActorRef<WorkloadMsg>) {
+        let Phase::Stopping(ending) = &self.phase else {
+            return;
+        };
+        if self.running > 0
+            || self.ping_in_flight
+            || self.init_cancel.is_some()
+            || self.stop_in_flight
+        {
             return;
         }
-        self.phase = Phase::Stopping;
-        self.slot.cancel_health_checks();
-        if let Some(h) = self.init_task.take() {
-            h.abort();
+        let abandon = *ending == Ending::Fence
+            || self.slot.lock().fenced.is_some()
+            || !self.shared.lease_valid();
+        if abandon {
+            tracing::info!(
+                workload = &*self.slot.id,
+                "instance abandoned without calling its stop"
+            );
+            let _ = myself.send_message(WorkloadMsg::StopDone(Guarded::Done(Ok(()))));
+            self.stop_in_flight = true;
+            return;
         }
-        self.drain_queue(ErrorCode::Unavailable, "workload is being deleted");
-        self.transition(Status::Stopping, None, None);
+        self.stop_in_flight = true;
         let device = self.device.clone();
         let myself = myself.clone();
         let limit = self.shared.cfg.stop_timeout;
+        let shared = self.shared.clone();
         tokio::spawn(async move {
-            let r = guarded(limit, async { device.stop().await.map_err(|e| e.0) }).await;
+            // Its own token: `stop` runs after the instance's calls were
+            // cancelled; only the lease or its timeout cut it short.
+            let stop = async { device.stop().await.map_err(|e| e.0) };
+            let r = guarded(limit, &shared.lease, &CancellationToken::new(), stop).await;
             let _ = myself.send_message(WorkloadMsg::StopDone(r));
         });
     }
 
-    fn on_stop_done(&mut self, myself: &ActorRef<WorkloadMsg>, r: Guarded<Result<(), String>>) {
+    fn on_stop_done(
+        &mut self,
+        myself: &ActorRef<WorkloadMsg>,
+        r: Guarded<Result<(), String>>,
+    ) -> Result<(), ActorProcessingErr> {
         let error = match r {
             Guarded::Done(Ok(())) => None,
             Guarded::Done(Err(e)) => Some(e),
             Guarded::TimedOut(d) => Some(format!("stop timed out after {d:?}")),
             Guarded::Panicked(m) => Some(format!("stop panicked: {m}")),
+            Guarded::Cancelled(why) => Some(why.to_string()),
         };
         if let Some(error) = error {
             tracing::warn!(workload = &*self.slot.id, %error, "stop failed");
@@ -470,25 +599,20 @@ impl WorkloadState {
                 error,
             });
         }
-        myself.stop(Some("deleted".into()));
+        match &self.phase {
+            Phase::Stopping(Ending::Fail(why)) => Err(why.clone().into()),
+            _ => {
+                myself.stop(Some("deleted".into()));
+                Ok(())
+            }
+        }
     }
 
-    /// Before failing on purpose: answer everyone waiting and give the broken
-    /// instance a bounded chance to disconnect, off our path.
-    fn abandon_instance(&mut self, why: &str) {
-        self.slot.cancel_health_checks();
-        if let Some(h) = self.init_task.take() {
-            h.abort();
-        }
-        self.drain_queue(
-            ErrorCode::Unavailable,
-            &format!("workload is restarting after a failure: {why}"),
-        );
-        let device = self.device.clone();
-        let limit = self.shared.cfg.stop_timeout;
-        tokio::spawn(async move {
-            let _ = guarded(limit, device.stop()).await;
-        });
+    /// Device code panicked: end the instance (cancel its calls, stop it),
+    /// then fail so the supervisor starts a fresh one.
+    fn fail(&mut self, myself: &ActorRef<WorkloadMsg>, why: String) {
+        tracing::warn!(workload = &*self.slot.id, %why, "instance failed; ending it before a restart");
+        self.start_stop(myself, Ending::Fail(why));
     }
 }
 
@@ -518,11 +642,13 @@ impl Actor for WorkloadActor {
             device: args.device,
             phase: Phase::Initializing,
             init_attempts: 0,
-            init_task: None,
+            cancel: CancellationToken::new(),
+            init_cancel: None,
             ping_in_flight: false,
             ping_failures: 0,
             queue: VecDeque::new(),
             running: 0,
+            stop_in_flight: false,
         })
     }
 
@@ -543,21 +669,19 @@ impl Actor for WorkloadActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkloadMsg::Init => {
-                if state.phase == Phase::Initializing && state.init_task.is_none() {
+                if state.phase == Phase::Initializing && state.init_cancel.is_none() {
                     state.start_init(&myself);
                 }
             }
             WorkloadMsg::InitDone(r) => {
                 if let Err(e) = state.on_init_done(&myself, r) {
-                    state.abandon_instance(&e.to_string());
-                    return Err(e);
+                    state.fail(&myself, e.to_string());
                 }
             }
             WorkloadMsg::Ping => state.start_ping(&myself),
             WorkloadMsg::PingDone(r) => {
-                if let Err(e) = state.on_ping_done(r) {
-                    state.abandon_instance(&e.to_string());
-                    return Err(e);
+                if let Err(e) = state.on_ping_done(&myself, r) {
+                    state.fail(&myself, e.to_string());
                 }
             }
             WorkloadMsg::RunTask(q) => state.on_run_task(&myself, q),
@@ -566,17 +690,20 @@ impl Actor for WorkloadActor {
                 state.running = state.running.saturating_sub(1);
                 if state.phase == Phase::Ready {
                     state.start_tasks(&myself);
+                } else {
+                    state.finish_if_idle(&myself);
                 }
             }
             WorkloadMsg::DevicePanicked(m) => {
-                if state.phase != Phase::Stopping {
-                    let why = format!("task panicked: {m}");
-                    state.abandon_instance(&why);
-                    return Err(why.into());
+                state.running = state.running.saturating_sub(1);
+                if matches!(state.phase, Phase::Stopping(_)) {
+                    state.finish_if_idle(&myself);
+                } else {
+                    state.fail(&myself, format!("task panicked: {m}"));
                 }
             }
-            WorkloadMsg::Stop => state.start_stop(&myself),
-            WorkloadMsg::StopDone(r) => state.on_stop_done(&myself, r),
+            WorkloadMsg::Stop => state.start_stop(&myself, Ending::Release),
+            WorkloadMsg::StopDone(r) => return state.on_stop_done(&myself, r),
         }
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! server's own log, never waited for with a sleep.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -270,6 +272,12 @@ pub struct Operator {
     pub deletes: Arc<Mutex<u64>>,
     /// The most workloads each owner ever held at once, as the watcher saw it.
     pub max_load: Arc<Mutex<HashMap<String, usize>>>,
+    /// Each workload's owners with the moment the watcher saw each take it
+    /// (`""`: released, deleted or ownerless).
+    pub timeline: Arc<Mutex<HashMap<String, Vec<(Instant, String)>>>>,
+    /// Errors the watcher met, and whether its stream ended: the checks
+    /// above mean nothing once it has stopped seeing changes.
+    pub watch_errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl Operator {
@@ -303,6 +311,10 @@ impl Operator {
         let deletes = Arc::new(Mutex::new(0u64));
         let max_load: Arc<Mutex<HashMap<String, usize>>> = Arc::new(Mutex::new(HashMap::new()));
         let ml = max_load.clone();
+        let timeline: Arc<Mutex<HashMap<String, Vec<(Instant, String)>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
+        let watch_errors = Arc::new(Mutex::new(Vec::new()));
+        let (tl, we) = (timeline.clone(), watch_errors.clone());
         let mut watch = state.watch_with_history(">").await.unwrap();
         let (v, bad, g, h, d) = (
             view.clone(),
@@ -312,8 +324,33 @@ impl Operator {
             deletes.clone(),
         );
         tokio::spawn(async move {
-            while let Some(Ok(e)) = watch.next().await {
+            loop {
+                let e = match watch.next().await {
+                    Some(Ok(e)) => e,
+                    Some(Err(err)) => {
+                        we.lock().unwrap().push(err.to_string());
+                        continue;
+                    }
+                    None => {
+                        we.lock().unwrap().push("state watch ended".into());
+                        return;
+                    }
+                };
                 let mut v = v.lock().unwrap();
+                {
+                    let owner = match e.operation {
+                        kv::Operation::Put => serde_json::from_slice::<Value>(&e.value)
+                            .ok()
+                            .and_then(|r| r["owner"].as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    let mut tl = tl.lock().unwrap();
+                    let t = tl.entry(e.key.clone()).or_default();
+                    if t.last().is_none_or(|(_, o)| *o != owner) {
+                        t.push((Instant::now(), owner));
+                    }
+                }
                 match e.operation {
                     kv::Operation::Put => {
                         let rec: Value = serde_json::from_slice(&e.value).unwrap();
@@ -362,7 +399,20 @@ impl Operator {
             history,
             deletes,
             max_load,
+            timeline,
+            watch_errors,
         }
+    }
+
+    /// Whether `node` owned workload `id` at any moment within `slack` of `at`,
+    /// as the watcher saw it.
+    pub fn owned_around(&self, id: &str, node: &str, at: Instant, slack: Duration) -> bool {
+        let tl = self.timeline.lock().unwrap();
+        let Some(t) = tl.get(id) else { return false };
+        t.iter().enumerate().any(|(i, (from, owner))| {
+            let until = t.get(i + 1).map(|(u, _)| *u);
+            owner == node && *from <= at + slack && until.is_none_or(|u| u + slack >= at)
+        })
     }
 
     /// Reads the state bucket afresh (not through the watcher): workload → (owner, status).
@@ -408,6 +458,11 @@ impl Operator {
     }
 
     pub fn assert_no_double_owner(&self) {
+        let errors = self.watch_errors.lock().unwrap();
+        assert!(
+            errors.is_empty(),
+            "the operator's state watcher broke, so it may have missed changes: {errors:?}"
+        );
         let bad = self.violations.lock().unwrap();
         assert!(
             bad.is_empty(),

@@ -1,0 +1,298 @@
+//! At most one node drives a device — for slow devices too: a device call's
+//! whole interval, from its start to its end, never overlaps another
+//! instance's calls on the same device, whatever moves the workload (spec
+//! change, drain, scale-out), and only the owner answers a task.
+//!
+//! Every node is an `ottomato node` process on a real nats-server; the sim
+//! devices trace the start and end of each call with process and instance
+//! ([`ottomato::actors::sim::trace::overlaps`]).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use support::fleet::{
+    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet,
+};
+use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
+
+/// Sends a task over plain NATS and returns the reply (or why there was none).
+async fn task(
+    client: &async_nats::Client,
+    id: &str,
+    body: Value,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let req = async_nats::Request::new()
+        .payload(Bytes::from(body.to_string()))
+        .timeout(Some(timeout));
+    match client.send_request(format!("otto.task.{id}"), req).await {
+        Ok(m) => Ok(serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Starts a 3 s `sleep` task on each id and waits until every one of them
+/// is running on its device (its start is in the trace).
+async fn start_long_tasks(
+    op: &Operator,
+    ids: &[String],
+    trace: &std::path::Path,
+) -> Vec<tokio::task::JoinHandle<(String, Result<Value, String>)>> {
+    let handles = ids
+        .iter()
+        .map(|id| {
+            let (client, id) = (op.client.clone(), id.clone());
+            tokio::spawn(async move {
+                let body = json!({"command": "sleep", "kwargs": {"ms": 3000}, "timeoutMs": 20000});
+                let r = task(&client, &id, body, Duration::from_secs(25)).await;
+                (id, r)
+            })
+        })
+        .collect();
+    eventually(10, "every long task started on its device", || async {
+        let lines = ottomato::actors::sim::trace::read_trace(trace);
+        ids.iter()
+            .all(|id| {
+                lines
+                    .iter()
+                    .any(|t| t.id == *id && t.event == "task" && t.start)
+            })
+            .then_some(())
+    })
+    .await;
+    handles
+}
+
+/// Every long task answered success by the node that ran it.
+async fn long_tasks_succeeded(
+    handles: Vec<tokio::task::JoinHandle<(String, Result<Value, String>)>>,
+    owners: &HashMap<String, String>,
+) {
+    for h in handles {
+        let (id, r) = h.await.unwrap();
+        let v = r.unwrap_or_else(|e| panic!("{id}: no answer to the long task: {e}"));
+        assert_eq!(v["success"], true, "{id}: {v}");
+        assert_eq!(v["workerId"], owners[&id].as_str(), "{id}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_task_in_flight_while_a_spec_change_moves_its_workload_never_overlaps() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let ids = ids("z", 8);
+    add_traced(&op, &ids, &trace, json!({"placement": {"zone": "one"}})).await;
+    let _a = NodeProc::start(&server.url, "a", &logs.0, &["--zone", "one"]);
+    let _b = NodeProc::start(&server.url, "b", &logs.0, &["--zone", "two"]);
+    let owners = all_running_on(&op, &ids, &["a"], 60).await;
+
+    let handles = start_long_tasks(&op, &ids, &trace).await;
+    // The spec now wants zone two: a must let go, b takes over.
+    add_traced(&op, &ids, &trace, json!({"placement": {"zone": "two"}})).await;
+    all_running_on(&op, &ids, &["b"], 60).await;
+    long_tasks_succeeded(handles, &owners).await;
+    assert_single_drivers(&trace, &HashMap::new());
+    op.assert_no_double_owner();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_task_in_flight_while_its_node_drains_never_overlaps() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let mut fleet = traced_fleet(&op, &server.url, "d", 30, &[], 60).await;
+    let on_a: Vec<String> = fleet
+        .owners
+        .iter()
+        .filter(|(_, o)| *o == "a")
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(!on_a.is_empty());
+    let handles = start_long_tasks(&op, &on_a, &fleet.trace).await;
+    signal(fleet.nodes[0].pid(), "TERM");
+    all_running_on(&op, &fleet.ids, &["b", "c"], 60).await;
+    let status = fleet.nodes[0].child.wait().unwrap();
+    assert!(status.success(), "a drained and left: {status:?}");
+    long_tasks_succeeded(handles, &fleet.owners).await;
+    assert_single_drivers(&fleet.trace, &fleet.died);
+    op.assert_no_double_owner();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_task_in_flight_while_scale_out_moves_its_workload_never_overlaps() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let ids = ids("s", 40);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let _a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    let owners = all_running_on(&op, &ids, &["a"], 60).await;
+    let handles = start_long_tasks(&op, &ids, &trace).await;
+    let _b = NodeProc::start(&server.url, "b", &logs.0, &[]);
+    let after = settle(&op, &ids, Duration::from_secs(2), 60).await;
+    assert!(
+        after.values().any(|o| o == "b"),
+        "scale-out moved nothing to b"
+    );
+    long_tasks_succeeded(handles, &owners).await;
+    assert_single_drivers(&trace, &HashMap::new());
+    op.assert_no_double_owner();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_large_for_nats_is_answered_with_an_error_not_silence() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let logs = TempDir::new("logs");
+    op.add("big", json!({"kind": "sim"})).await;
+    let _a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    all_running_on(&op, &["big".to_string()], &["a"], 60).await;
+    // 600 KB in, ~1.2 MB out (echo returns its args): more than the server's 1 MiB.
+    let blob = "x".repeat(600 * 1024);
+    let started = Instant::now();
+    let v = task(
+        &op.client,
+        "big",
+        json!({"command": "echo", "args": [blob]}),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("an answer, not silence");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered late");
+    assert_eq!(v["success"], false, "{}", &v.to_string()[..200]);
+    assert_eq!(v["errorCode"], "payload_too_large", "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("max_payload") && msg.contains("1048576"),
+        "{msg}"
+    );
+    // A result that fits still goes through.
+    let v = task(
+        &op.client,
+        "big",
+        json!({"command": "hello"}),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v["success"], true, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let fleet = traced_fleet(&op, &server.url, "q", 30, &[], 60).await;
+    let b = &fleet.nodes[1];
+    let on_b: Vec<String> = fleet
+        .owners
+        .iter()
+        .filter(|(_, o)| *o == "b")
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(!on_b.is_empty());
+
+    // Continuous requests to b's workloads from before the freeze to well
+    // after the resume, every reply collected — late ones too (a reply to a
+    // request its sender gave up on is still a reply from a node that
+    // thought it could answer).
+    let replies: Arc<Mutex<Vec<(Instant, String, Value)>>> = Arc::default();
+    let mut inbox = op.client.subscribe("_INBOX_TEST.>").await.unwrap();
+    let collector = {
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            while let Some(m) = futures::StreamExt::next(&mut inbox).await {
+                let id = m
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                if m.payload.is_empty() {
+                    continue; // "no responders" status, not a node's reply
+                }
+                let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                replies.lock().unwrap().push((Instant::now(), id, v));
+            }
+        })
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, ids, stop) = (op.client.clone(), on_b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for id in &ids {
+                    n += 1;
+                    let body = Bytes::from_static(br#"{"command":"hello"}"#);
+                    let reply = format!("_INBOX_TEST.{n}.{id}");
+                    let _ = client
+                        .publish_with_reply(format!("otto.task.{id}"), reply, body)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    op.gone.lock().unwrap().insert("b".into());
+    let paused = Instant::now();
+    signal(b.pid(), "STOP");
+    all_running_on(&op, &on_b, &["a", "c"], 30).await;
+    // Resume at once: b's connection is still open (the server has not yet
+    // given up writing to it), so b finds the requests of the freeze waiting.
+    eprintln!("resuming b after {:?}", paused.elapsed());
+    signal(b.pid(), "CONT");
+    // Requests keep flowing while b wakes up, fences and rejoins.
+    settle(&op, &fleet.ids, Duration::from_secs(3), 60).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+    // (b's backlog of requests from the freeze was handled long before the
+    // placement settled for 3 s: late replies are in.)
+    collector.abort();
+    let replies = replies.lock().unwrap();
+    assert!(
+        replies.len() > on_b.len() * 5,
+        "too few replies: {}",
+        replies.len()
+    );
+    let mut by: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for (at, _, v) in replies.iter() {
+        let phase = if *at < paused { "before" } else { "after" };
+        let key = (
+            format!("{phase} {}", v["workerId"].as_str().unwrap_or("")),
+            v["errorCode"].as_str().unwrap_or("ok").to_string(),
+        );
+        *by.entry(key).or_default() += 1;
+    }
+    eprintln!("replies by node and outcome: {by:?}");
+    let mut wrong = Vec::new();
+    for (at, id, v) in replies.iter() {
+        let from = v["workerId"].as_str().unwrap_or("");
+        // The owner at that moment (the watcher's view may lag a few ms).
+        if !op.owned_around(id, from, *at, Duration::from_millis(300)) {
+            wrong.push(format!("{id}: answered by {from}, not its owner: {v}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} replies not from the owner: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    op.assert_no_double_owner();
+    assert_single_drivers(&fleet.trace, &fleet.died);
+}
