@@ -48,7 +48,10 @@ use crate::transport::{Message, Transport};
 use crate::wire::{NodeInfo, StateRecord};
 use crate::{Node, NodeBuilder, NodeError, Status};
 
+mod members;
 pub(crate) mod placement;
+
+use members::{Members, Observed, SentBeats};
 
 /// A workload taken by the grace rule stays for this many grace periods
 /// before placement may move it to its (apparently not claiming) owner again.
@@ -152,6 +155,47 @@ pub struct Cluster {
     nodes: Arc<dyn KvBucket>,
     info: Arc<std::sync::Mutex<NodeInfo>>,
     kick: Arc<tokio::sync::Notify>,
+    fatal: Fatal,
+}
+
+impl Drop for Cluster {
+    /// Like a crash: heartbeats and coordination stop, the lease ends (no
+    /// device call goes on), nothing is released or written; the others
+    /// take over once the TTL has passed.
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+        self.coordinator.abort();
+        if !self.node.is_empty() {
+            self.node.revoke_lease();
+            for id in self.node.workload_ids() {
+                self.node
+                    .fence_workload(&id, "cluster handle dropped".into());
+            }
+        }
+    }
+}
+
+/// Ends a node that must not go on (another process took its id): fences
+/// every workload, ends the lease, and tells whoever waits on [`Cluster::failed`].
+#[derive(Clone)]
+struct Fatal(Arc<watch::Sender<Option<String>>>);
+
+impl Fatal {
+    fn new() -> Fatal {
+        Fatal(Arc::new(watch::channel(None).0))
+    }
+
+    fn raise(&self, node: &Node, reason: String) {
+        if self.0.borrow().is_some() {
+            return;
+        }
+        tracing::error!(%reason, "stopping: fencing every workload");
+        node.revoke_lease();
+        for id in node.workload_ids() {
+            node.fence_workload(&id, reason.clone());
+        }
+        self.0.send_replace(Some(reason));
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -188,8 +232,10 @@ impl Cluster {
         )
         .await?;
         let state = open_bucket(&*store, &subjects.state_bucket_spec_with(cfg.replicas)).await?;
+        check_settings(&cfg, &nodes, &[&workloads, &state])?;
         let me = node.id().to_string();
-        let info = NodeInfo {
+        let incarnation = node.incarnation().to_string();
+        let mut info = NodeInfo {
             id: me.clone(),
             zone: cfg.zone.clone(),
             labels: cfg.labels.clone(),
@@ -199,30 +245,54 @@ impl Cluster {
             started: SystemTime::now(),
             load: 0,
             draining: false,
+            incarnation: incarnation.clone(),
+            beat: 1,
+            heartbeat_ms: cfg.heartbeat.as_millis() as u64,
+            left: false,
         };
         // Register before claiming anything: others must see us alive first.
+        // Never next to another live process under our id.
+        let (revision, predecessor) = register(&*nodes, &info, &cfg).await?;
+        let sent_beats = SentBeats::default();
         let sent = Instant::now();
-        nodes.put(&me, json_bytes(&info)).await.map_err(backend)?;
+        sent_beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(1, sent);
         node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin());
+        info.beat = 1;
         let shared_info = Arc::new(std::sync::Mutex::new(info.clone()));
         let kick = Arc::new(tokio::sync::Notify::new());
+        let fatal = Fatal::new();
         let heartbeat = tokio::spawn(heartbeat_loop(
             node.clone(),
             nodes.clone(),
             shared_info.clone(),
             kick.clone(),
             cfg.clone(),
+            revision,
+            sent_beats.clone(),
+            fatal.clone(),
         ));
+        let mut members = Members::new(&me, &incarnation, cfg.node_ttl, sent_beats, Instant::now());
+        if let Some((inc, at)) = predecessor {
+            members.predecessor(&inc, at);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let mut live = BTreeMap::new();
         live.insert(me.clone(), info);
+        let transport_for_events = transport.clone();
         let coordinator = Coordinator {
             me,
+            incarnation,
+            members,
+            fatal: fatal.clone(),
+            store: store.clone(),
+            info: shared_info.clone(),
             node: node.clone(),
             cfg,
             subjects,
-            transport,
             workloads,
             nodes: nodes.clone(),
             state,
@@ -243,6 +313,7 @@ impl Cluster {
             running_rev: HashMap::default(),
             failed_rev: HashMap::default(),
             results_tx,
+            events_out: EventsOut::spawn(transport_for_events),
         };
         let coordinator = tokio::spawn(coordinator.run(stop_rx, results_rx));
         tracing::info!(node = node.id(), "joined cluster");
@@ -254,7 +325,23 @@ impl Cluster {
             nodes,
             info: shared_info,
             kick,
+            fatal,
         })
+    }
+
+    /// Waits until the node has to stop because it must not go on (another
+    /// process wrote its node id's membership entry); the reason. Every
+    /// workload is fenced by then and no device call runs.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.0.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// The node: its workloads, tasks and events.
@@ -265,10 +352,48 @@ impl Cluster {
     /// Leaves cleanly: stops claiming, stops every workload and deletes its
     /// claims, then deletes the membership entry, so the others take over at once.
     pub async fn stop(self) {
+        self.leave().await;
+    }
+
+    async fn leave(&self) {
         let _ = self.stop.send(true);
-        let _ = self.coordinator.await;
+        // The coordinator ends at its next turn; it never waits on the store.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !self.coordinator.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        self.coordinator.abort();
         self.node.stop().await;
         self.heartbeat.abort();
+        if !self.node.is_empty() || self.fatal.0.borrow().is_some() {
+            // Something is still being released (or we were pushed out):
+            // say nothing; our lease runs out and the others take over.
+            tracing::warn!(
+                node = self.node.id(),
+                left = self.node.len(),
+                "leaving with workloads not released; they move once the TTL passes"
+            );
+            return;
+        }
+        // Everything released: tell the others we are gone (they need not
+        // wait out the TTL), then remove the entry.
+        let info: Option<Bytes> = self
+            .info
+            .lock()
+            .map(|mut i| {
+                i.left = true;
+                i.load = 0;
+                i.beat += 1;
+                json_bytes(&*i)
+            })
+            .ok();
+        if let Some(value) = info {
+            if let Err(e) = self.nodes.put(self.node.id(), value).await {
+                tracing::warn!(error = %e, "could not announce leaving; the entry will expire");
+            }
+        }
         if let Err(e) = self.nodes.delete(self.node.id(), None).await {
             tracing::warn!(error = %e, "could not delete membership entry; it will expire");
         }
@@ -290,10 +415,38 @@ impl Cluster {
             "draining"
         );
         let deadline = Instant::now() + timeout;
-        while !self.node.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let this = &self;
+        let drained = tokio::time::timeout_at(deadline, async move {
+            while !this.node.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            this.leave().await;
+        })
+        .await;
+        if drained.is_err() {
+            self.abandon(timeout);
         }
-        self.stop().await;
+    }
+
+    /// Gives up leaving cleanly (the drain limit passed, or the store is
+    /// unreachable): no more heartbeats, the lease ends now (calls in flight
+    /// are cancelled), nothing more is written. Others take over what is
+    /// left once the TTL has passed, by the normal path.
+    fn abandon(&self, waited: Duration) {
+        tracing::error!(
+            node = self.node.id(),
+            left = self.node.len(),
+            ?waited,
+            "drain limit passed: leaving without handing over the rest; \
+             other nodes take it over once the TTL has passed"
+        );
+        self.heartbeat.abort();
+        self.coordinator.abort();
+        self.node.revoke_lease();
+        for id in self.node.workload_ids() {
+            self.node
+                .fence_workload(&id, "node left without handing over (drain limit)".into());
+        }
     }
 
     /// Simulates a crash (for tests and simulations): heartbeats and
@@ -301,6 +454,7 @@ impl Cluster {
     /// the others find out only when the membership entry expires.
     #[doc(hidden)]
     pub async fn crash(self) {
+        self.node.revoke_lease();
         self.heartbeat.abort();
         self.coordinator.abort();
         for id in self.node.workload_ids() {
@@ -314,6 +468,51 @@ impl Cluster {
 fn json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
     // Our wire types are plain strings, numbers and maps: they always serialise.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Refuses to join a cluster whose buckets were created with settings this
+/// node cannot honour: every node derives its lease from the membership
+/// TTL, and a node must not silently run with fewer copies than asked for.
+fn check_settings(
+    cfg: &ClusterConfig,
+    nodes: &Arc<dyn KvBucket>,
+    others: &[&Arc<dyn KvBucket>],
+) -> Result<(), NodeError> {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    if let Some(n) = nodes.settings() {
+        if n.max_age != Some(cfg.node_ttl) {
+            return Err(NodeError::IncompatibleCluster(format!(
+                "the cluster's membership bucket {} expires entries after {}, but this node \
+                 was started with a TTL of {}: every node's lease is derived from that TTL, \
+                 so all must use the same; start this node with --ttl {}",
+                n.name,
+                n.max_age.map_or("never".into(), human),
+                human(cfg.node_ttl),
+                n.max_age.map_or("?".into(), human),
+            )));
+        }
+        if n.in_memory {
+            tracing::warn!(
+                bucket = %n.name,
+                "the membership bucket is kept in memory (created by an older Ottomato): \
+                 it does not survive a nats-server restart; to move it to disk, stop every \
+                 node, delete the bucket and start them again"
+            );
+        }
+    }
+    for b in std::iter::once(nodes).chain(others.iter().copied()) {
+        if let Some(s) = b.settings() {
+            if s.replicas != cfg.replicas.max(1) {
+                return Err(NodeError::IncompatibleCluster(format!(
+                    "bucket {} keeps {} replica(s), but this node was started with --replicas {}: \
+                     start it with --replicas {} (changing a running cluster's replica count is \
+                     an operator's job: nats stream edit KV_{} --replicas N)",
+                    s.name, s.replicas, cfg.replicas, s.replicas, s.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens a bucket, retrying while the backend is not ready (a NATS cluster
@@ -335,16 +534,105 @@ async fn open_bucket(
     }
 }
 
-/// Re-puts the membership entry every heartbeat and keeps the lease: the
-/// node may touch devices only until `heartbeat sent + TTL - margin` of the
-/// last acknowledged put. When the lease has run out (the process was frozen,
-/// or NATS unreachable), every workload is fenced before anything else.
+/// Registers `info` under its node id, unless another live process holds
+/// the id: an entry of another incarnation that is re-written within two of
+/// its heartbeats (plus a second) means a live one, and we refuse. Returns
+/// our entry's revision and the predecessor's incarnation (with when we saw
+/// it), whose claims we may take over only the normal way.
+async fn register(
+    nodes: &dyn KvBucket,
+    info: &NodeInfo,
+    cfg: &ClusterConfig,
+) -> Result<(u64, Option<(String, Instant)>), NodeError> {
+    let in_use = |other: &NodeInfo| {
+        NodeError::IdInUse(format!(
+            "node id {:?} is in use by a running node (incarnation {}, version {}, started {}); \
+             give this node another id (--node-id / OTTOMATO_NODE_ID)",
+            info.id,
+            other.incarnation,
+            other.version,
+            humantime::format_rfc3339_seconds(other.started)
+        ))
+    };
+    let parse = |e: &crate::store::KvEntry| serde_json::from_slice::<NodeInfo>(&e.value).ok();
+    let existing = nodes.get(&info.id).await.map_err(backend)?;
+    let mut predecessor = None;
+    if let Some(entry) = &existing {
+        let other = parse(entry).unwrap_or_default();
+        predecessor = Some((other.incarnation.clone(), Instant::now()));
+        if !other.left {
+            let beat = Duration::from_millis(other.heartbeat_ms)
+                .max(Duration::from_millis(100))
+                .min(cfg.node_ttl);
+            let heartbeat = if other.heartbeat_ms == 0 {
+                cfg.heartbeat
+            } else {
+                beat
+            };
+            let window = heartbeat * 2 + Duration::from_secs(1);
+            tracing::info!(
+                node = %info.id,
+                predecessor = %other.incarnation,
+                ?window,
+                "an entry for this node id exists; checking that its process is gone"
+            );
+            let deadline = Instant::now() + window;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match nodes.get(&info.id).await.map_err(backend)? {
+                    Some(e) if e.revision != entry.revision => {
+                        let now = parse(&e).unwrap_or_default();
+                        if !now.left {
+                            return Err(in_use(&now));
+                        }
+                        break;
+                    }
+                    Some(_) => {}
+                    None => break, // expired or deleted: gone
+                }
+            }
+        }
+    }
+    let value = json_bytes(info);
+    let written = match &existing {
+        Some(e) => nodes.update(&info.id, value.clone(), e.revision).await,
+        None => nodes.create(&info.id, value.clone()).await,
+    };
+    match written {
+        Ok(rev) => Ok((rev, predecessor)),
+        // It expired while we watched: a fresh create.
+        Err(StoreError::RevisionMismatch { .. }) | Err(StoreError::AlreadyExists { .. }) => {
+            match nodes.get(&info.id).await.map_err(backend)? {
+                None => Ok((
+                    nodes.create(&info.id, value).await.map_err(|e| match e {
+                        StoreError::AlreadyExists { .. } => in_use(&NodeInfo::default()),
+                        e => backend(e),
+                    })?,
+                    predecessor,
+                )),
+                Some(e) => Err(in_use(&parse(&e).unwrap_or_default())),
+            }
+        }
+        Err(e) => Err(backend(e)),
+    }
+}
+
+/// Re-writes the membership entry every heartbeat (compare-and-set on our
+/// last revision, so another process writing our id is noticed, never
+/// overwritten) and keeps the lease: the node may touch devices only until
+/// `heartbeat sent + TTL - margin` of the last acknowledged write. When the
+/// lease has run out (the process was frozen, or NATS unreachable), every
+/// workload is fenced before anything else.
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     node: Node,
     nodes: Arc<dyn KvBucket>,
     info: Arc<std::sync::Mutex<NodeInfo>>,
     kick: Arc<tokio::sync::Notify>,
     cfg: ClusterConfig,
+    mut revision: u64,
+    sent_beats: SentBeats,
+    fatal: Fatal,
 ) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,24 +644,73 @@ async fn heartbeat_loop(
         if !node.lease_valid() && !node.is_empty() {
             fence_all(&node);
         }
+        let sent = Instant::now();
         let value = match info.lock() {
             Ok(mut i) => {
                 i.load = node.len() as u64;
+                i.beat += 1;
+                sent_beats
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(i.beat, sent);
                 json_bytes(&*i)
             }
             Err(_) => continue,
         };
-        let sent = Instant::now();
-        match tokio::time::timeout(cfg.node_ttl, nodes.put(node.id(), value)).await {
-            Ok(Ok(_)) => {
-                // Renew only from an unbroken lease: an ack that comes back
-                // after the lease ran out may have landed after our old entry
-                // expired and others took our workloads. Then every actor must
-                // be gone before the node may touch a device again.
-                if node.lease_valid() || node.is_empty() {
-                    node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin());
-                } else {
-                    fence_all(&node);
+        let renew = |node: &Node| {
+            // Renew only from an unbroken lease: an ack that comes back
+            // after the lease ran out may have landed after our old entry
+            // expired and others took our workloads. Then every actor must
+            // be gone before the node may touch a device again.
+            if node.lease_valid() || node.is_empty() {
+                node.renew_lease(sent + cfg.node_ttl - cfg.lease_margin());
+            } else {
+                fence_all(node);
+            }
+        };
+        match tokio::time::timeout(
+            cfg.node_ttl,
+            nodes.update(node.id(), value.clone(), revision),
+        )
+        .await
+        {
+            Ok(Ok(rev)) => {
+                revision = rev;
+                renew(&node);
+            }
+            Ok(Err(StoreError::RevisionMismatch { .. })) => {
+                match nodes.get(node.id()).await {
+                    Ok(None) => {
+                        // Our entry expired (we were frozen or cut off).
+                        match nodes.create(node.id(), value).await {
+                            Ok(rev) => {
+                                revision = rev;
+                                renew(&node);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        }
+                    }
+                    Ok(Some(e)) => {
+                        let other =
+                            serde_json::from_slice::<NodeInfo>(&e.value).unwrap_or_default();
+                        if other.incarnation == node.incarnation() {
+                            // Our own write landed; its answer was lost.
+                            revision = e.revision;
+                        } else {
+                            fatal.raise(
+                                &node,
+                                format!(
+                                    "another process (incarnation {}, started {}) wrote this node's \
+                                     membership entry: two processes run with node id {:?}",
+                                    other.incarnation,
+                                    humantime::format_rfc3339_seconds(other.started),
+                                    node.id()
+                                ),
+                            );
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
@@ -440,6 +777,8 @@ struct SpecEntry {
 
 struct Claim {
     owner: String,
+    /// The owner's process (its membership `incarnation`).
+    incarnation: String,
     revision: u64,
     /// Nodes the device was dead from, and how often it was handed on.
     avoid: Vec<String>,
@@ -469,14 +808,20 @@ struct ClaimResult {
 
 struct Coordinator {
     me: String,
+    incarnation: String,
+    /// Liveness of every node, on our own clock.
+    members: Members,
+    fatal: Fatal,
+    store: Arc<dyn StateStore>,
+    info: Arc<std::sync::Mutex<NodeInfo>>,
     node: Node,
     cfg: ClusterConfig,
     subjects: Subjects,
-    transport: Arc<dyn Transport>,
     workloads: Arc<dyn KvBucket>,
     nodes: Arc<dyn KvBucket>,
     state: Arc<dyn KvBucket>,
-    /// Live nodes (membership entries present), us included.
+    /// Live nodes (not known dead, see [`Members`]), us included; what
+    /// placement works from.
     live: BTreeMap<String, NodeInfo>,
     specs: HashMap<String, SpecEntry>,
     claims: HashMap<String, Claim>,
@@ -507,6 +852,44 @@ struct Coordinator {
     /// not retried until the spec changes.
     failed_rev: HashMap<String, u64>,
     results_tx: mpsc::UnboundedSender<ClaimResult>,
+    events_out: EventsOut,
+}
+
+/// Events on their way to the transport, published by a task of their own:
+/// the coordinator never waits on NATS for them. When the transport is
+/// stuck and the queue full, events are dropped (and counted), never the
+/// coordinator's turn.
+struct EventsOut {
+    tx: mpsc::Sender<(String, Bytes)>,
+    dropped: u64,
+}
+
+impl EventsOut {
+    const CAPACITY: usize = 16_384;
+
+    fn spawn(transport: Arc<dyn Transport>) -> EventsOut {
+        let (tx, mut rx) = mpsc::channel::<(String, Bytes)>(Self::CAPACITY);
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = rx.recv().await {
+                if let Err(e) = transport.publish(&subject, Message::new(payload)).await {
+                    tracing::debug!(%subject, error = %e, "event not published");
+                }
+            }
+        });
+        EventsOut { tx, dropped: 0 }
+    }
+
+    fn send(&mut self, subject: String, payload: Bytes) {
+        if self.tx.try_send((subject, payload)).is_err() {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    "event publishing is stuck; events dropped"
+                );
+            }
+        }
+    }
 }
 
 impl Coordinator {
@@ -515,17 +898,8 @@ impl Coordinator {
         mut stop: watch::Receiver<bool>,
         mut results: mpsc::UnboundedReceiver<ClaimResult>,
     ) {
-        let mut inputs = futures::stream::select_all([
-            resilient_watch(self.workloads.clone(), self.subjects.workloads_bucket())
-                .map(Input::Spec)
-                .boxed(),
-            resilient_watch(self.nodes.clone(), self.subjects.nodes_bucket())
-                .map(Input::Node)
-                .boxed(),
-            resilient_watch(self.state.clone(), self.subjects.state_bucket())
-                .map(Input::State)
-                .boxed(),
-        ]);
+        let mut inputs = self.watches();
+        let mut connects = self.store.connects();
         let mut events = self.node.subscribe();
         let mut safety = tokio::time::interval(Duration::from_secs(1));
         let mut dirty = false;
@@ -562,14 +936,24 @@ impl Coordinator {
                             }
                             _ => {}
                         }
-                        self.publish_event(&e).await;
+                        self.publish_event(&e);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "event publisher fell behind");
                     }
                     Err(_) => return,
                 },
-                _ = safety.tick() => dirty = true,
+                _ = safety.tick() => {
+                    dirty = true;
+                    // After every reconnect, a full resync: the watches'
+                    // own resumption may have missed what expired meanwhile.
+                    let now_connects = self.store.connects();
+                    if now_connects != connects {
+                        tracing::info!("reconnected to the store: resyncing every watch");
+                        connects = now_connects;
+                        inputs = self.watches();
+                    }
+                }
                 _ = tokio::time::sleep_until(due), if dirty => {}
             }
             if dirty && self.synced.iter().all(|s| *s) && Instant::now() >= due {
@@ -583,6 +967,33 @@ impl Coordinator {
         }
     }
 
+    /// Our own membership record as it is now (draining, zone, …).
+    fn info_of_me(&self) -> NodeInfo {
+        self.info
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn watches(&self) -> futures::stream::SelectAll<BoxStream<'static, Input>> {
+        futures::stream::select_all([
+            resilient_watch(self.workloads.clone(), self.subjects.workloads_bucket())
+                .map(Input::Spec)
+                .boxed(),
+            resilient_watch(self.nodes.clone(), self.subjects.nodes_bucket())
+                .map(Input::Node)
+                .boxed(),
+            resilient_watch(self.state.clone(), self.subjects.state_bucket())
+                .map(Input::State)
+                .boxed(),
+        ])
+    }
+
+    /// Whether a claim is this process's.
+    fn mine(&self, c: &Claim) -> bool {
+        c.owner == self.me && c.incarnation == self.incarnation
+    }
+
     fn apply(&mut self, input: Input) {
         let (which, change) = match input {
             Input::Spec(c) => (0, c),
@@ -594,6 +1005,9 @@ impl Coordinator {
             // A (re)started watch: replay follows.
             self.synced[which] = false;
             self.replayed[which] = Some(HashSet::default());
+            if which == 1 {
+                self.members.watch_restarted(Instant::now());
+            }
             return;
         };
         match &change {
@@ -634,12 +1048,8 @@ impl Coordinator {
                 }
             }
             1 => {
-                let me = self.me.clone();
-                let before = self.live.len();
-                self.live.retain(|k, _| *k == me || seen.contains(k));
-                if self.live.len() != before {
-                    self.view_gen += 1;
-                }
+                // Liveness is judged by heartbeats seen, not by entries
+                // present: nothing to forget (see `Members`).
             }
             _ => {
                 let gone: Vec<String> = self
@@ -686,35 +1096,36 @@ impl Coordinator {
                     // Unreadable (newer version?): still a live node, default share.
                     NodeInfo {
                         id: e.key.clone(),
-                        zone: None,
-                        labels: BTreeMap::new(),
-                        capacity: None,
-                        weight: 1.0,
                         version: "?".into(),
-                        started: SystemTime::UNIX_EPOCH,
-                        load: 0,
-                        draining: false,
+                        ..Default::default()
                     }
                 });
-                let changed = self
-                    .live
-                    .get(&e.key)
-                    .is_none_or(|old| old.placement_key() != info.placement_key());
-                if changed {
-                    self.view_gen += 1;
+                if info.id != e.key {
+                    return; // not a membership record
                 }
-                self.live.insert(e.key, info);
+                if let Observed::Intruder(other) = self.members.observe(info, Instant::now()) {
+                    self.fatal.raise(
+                        &self.node,
+                        format!(
+                            "another process (incarnation {}, started {}) wrote this node's \
+                             membership entry: two processes run with node id {:?}",
+                            other.incarnation,
+                            humantime::format_rfc3339_seconds(other.started),
+                            self.me
+                        ),
+                    );
+                }
             }
             Input::Node(Some(KvChange::Delete { key, .. })) => {
                 if key == self.me {
                     // Our entry expired (we were too slow to heartbeat): the
-                    // heartbeat task re-puts it; others may take over our
+                    // heartbeat task re-creates it; others may take over our
                     // workloads meanwhile and our CAS writes then fence us.
                     tracing::warn!("own membership entry expired");
                 } else {
-                    tracing::info!(node = %key, "node left");
-                    self.live.remove(&key);
-                    self.view_gen += 1;
+                    // Expired or deleted: the node counts as gone only once
+                    // it has been silent for a full TTL (or said it left).
+                    tracing::debug!(node = %key, "membership entry removed");
                 }
             }
             Input::State(Some(KvChange::Put(e))) => {
@@ -725,9 +1136,11 @@ impl Coordinator {
                 {
                     return; // older than what we know
                 }
-                let (owner, avoid, moves) = serde_json::from_slice::<StateRecord>(&e.value)
-                    .map(|r| (r.owner, r.avoid, r.moves))
-                    .unwrap_or_else(|_| ("?".into(), Vec::new(), 0));
+                let (owner, incarnation, avoid, moves) =
+                    serde_json::from_slice::<StateRecord>(&e.value)
+                        .map(|r| (r.owner, r.incarnation, r.avoid, r.moves))
+                        .unwrap_or_else(|_| ("?".into(), String::new(), Vec::new(), 0));
+                let ours = owner == self.me && incarnation == self.incarnation;
                 if self
                     .claims
                     .get(&e.key)
@@ -735,10 +1148,10 @@ impl Coordinator {
                 {
                     self.view_gen += 1; // placement avoids these nodes now
                 }
-                if owner != self.me {
+                if !ours {
                     self.releasing.remove(&e.key); // a handover we made has landed
                 }
-                if owner != self.me && self.node.has_workload(&e.key) {
+                if !ours && self.node.has_workload(&e.key) {
                     self.node.fence_workload(
                         &e.key,
                         format!("claim lost: node {owner} now owns the workload"),
@@ -749,6 +1162,7 @@ impl Coordinator {
                     e.key,
                     Claim {
                         owner,
+                        incarnation,
                         revision: e.revision,
                         avoid,
                         moves,
@@ -781,6 +1195,26 @@ impl Coordinator {
         if !self.node.lease_valid() {
             return; // no claims and no moves until our lease is back
         }
+        // Who is alive changes with time too, not only with watch events.
+        let me_now = self.info_of_me();
+        let live = self.members.live(&me_now);
+        let changed = live.len() != self.live.len()
+            || live
+                .iter()
+                .zip(self.live.iter())
+                .any(|((a, x), (b, y))| a != b || x.placement_key() != y.placement_key());
+        if changed {
+            let gone: Vec<&String> = self
+                .live
+                .keys()
+                .filter(|k| !live.contains_key(*k))
+                .collect();
+            if !gone.is_empty() {
+                tracing::info!(nodes = ?gone, "nodes gone (silent for a full TTL, or left)");
+            }
+            self.view_gen += 1;
+        }
+        self.live = live;
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
             let claims = &self.claims;
@@ -899,7 +1333,7 @@ impl Coordinator {
             if self
                 .claims
                 .get(id)
-                .is_some_and(|c| c.owner != self.me && self.live.contains_key(&c.owner))
+                .is_some_and(|c| !self.mine(c) && self.members.holds(&c.owner, &c.incarnation))
             {
                 self.unclaimed_since.remove(id);
                 continue;
@@ -912,7 +1346,10 @@ impl Coordinator {
             let target = self.assignment.get(id);
             let mine = matches!(target, Some(Ok(o)) if *o == self.me);
             let claim = self.claims.get(id);
-            let orphan = claim.is_none_or(|c| !self.live.contains_key(&c.owner));
+            // Nobody holds it: no claim, an ownerless record, or an owner
+            // process known dead. (Not: an owner we cannot yet tell is dead.)
+            let orphan = claim
+                .is_none_or(|c| c.owner.is_empty() || self.members.dead(&c.owner, &c.incarnation));
             let orphan_for = if orphan {
                 // (no key clone unless it is new: this runs for every spec)
                 match self.unclaimed_since.get(id) {
@@ -958,7 +1395,7 @@ impl Coordinator {
                     }
                     continue;
                 }
-                Some(c) if c.owner == self.me => {
+                Some(c) if self.mine(c) => {
                     if already_failed {
                         continue; // our `failed` record stands until the spec changes
                     }
@@ -1005,7 +1442,7 @@ impl Coordinator {
             .claims
             .iter()
             .filter(|(id, c)| {
-                (c.owner == self.me || (c.owner.is_empty() && bookkeeper))
+                (self.mine(c) || (c.owner.is_empty() && bookkeeper))
                     && !self.specs.contains_key(*id)
                     && !local.contains(*id)
                     && !self.pending.contains(*id)
@@ -1026,7 +1463,7 @@ impl Coordinator {
     /// Hands a workload that is dead here to another node, recording this
     /// node on its avoid list. Returns whether it did.
     fn hand_on_dead(&mut self, id: &str) -> bool {
-        let Some(claim) = self.claims.get(id).filter(|c| c.owner == self.me) else {
+        let Some(claim) = self.claims.get(id).filter(|c| self.mine(c)) else {
             return false;
         };
         if claim.moves >= self.cfg.max_moves {
@@ -1049,6 +1486,7 @@ impl Coordinator {
         }
         let record = StateRecord {
             owner: String::new(),
+            incarnation: String::new(),
             kind: self
                 .specs
                 .get(id)
@@ -1108,6 +1546,11 @@ impl Coordinator {
             } else {
                 self.me.clone()
             },
+            incarnation: if unplaceable.is_some() {
+                String::new()
+            } else {
+                self.incarnation.clone()
+            },
             kind: spec.map(|s| s.kind).unwrap_or_default(),
             status: if unplaceable.is_some() {
                 Status::Unplaceable
@@ -1157,6 +1600,7 @@ impl Coordinator {
                 r.id,
                 Claim {
                     owner: String::new(),
+                    incarnation: String::new(),
                     revision,
                     avoid: r.avoid,
                     moves: r.moves,
@@ -1168,6 +1612,7 @@ impl Coordinator {
             r.id.clone(),
             Claim {
                 owner: self.me.clone(),
+                incarnation: self.incarnation.clone(),
                 revision,
                 avoid: r.avoid.clone(),
                 moves: r.moves,
@@ -1208,6 +1653,7 @@ impl Coordinator {
                 self.failed_rev.insert(r.id.clone(), r.spec_revision);
                 let record = StateRecord {
                     owner: self.me.clone(),
+                    incarnation: self.incarnation.clone(),
                     kind: String::new(),
                     status: Status::Failed,
                     since: SystemTime::now(),
@@ -1229,30 +1675,19 @@ impl Coordinator {
         }
     }
 
-    async fn publish_event(&self, e: &Event) {
+    fn publish_event(&mut self, e: &Event) {
         let mut v = serde_json::to_value(e).unwrap_or_default();
         v["node"] = serde_json::Value::String(self.me.clone());
         let subject = self.subjects.event(e.workload(), e.name());
-        if let Err(err) = self
-            .transport
-            .publish(&subject, Message::new(json_bytes(&v)))
-            .await
-        {
-            tracing::debug!(%subject, error = %err, "event not published");
-        }
+        self.events_out.send(subject, json_bytes(&v));
     }
 
-    fn publish_cluster_event(&self, id: &str, event: &'static str, reason: &str) {
+    fn publish_cluster_event(&mut self, id: &str, event: &'static str, reason: &str) {
         let v = serde_json::json!({
             "event": event, "workload": id, "node": self.me, "reason": reason,
         });
         let subject = self.subjects.event(id, event);
-        let transport = self.transport.clone();
-        tokio::spawn(async move {
-            let _ = transport
-                .publish(&subject, Message::new(json_bytes(&v)))
-                .await;
-        });
+        self.events_out.send(subject, json_bytes(&v));
     }
 }
 

@@ -42,6 +42,12 @@ pub enum NodeError {
         /// How long the wait lasted.
         waited: std::time::Duration,
     },
+    /// Another running process uses this node id.
+    #[error("{0}")]
+    IdInUse(String),
+    /// The cluster's buckets were created with settings this node cannot honour.
+    #[error("{0}")]
+    IncompatibleCluster(String),
     /// A storage or transport backend failed.
     #[error("backend error: {0}")]
     Backend(String),

@@ -426,11 +426,42 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs) -> anyhow::Result<()> {
         cluster.node().id(),
         st.server
     );
-    shutdown_signal().await;
-    println!("draining: handing over {} workloads", cluster.node().len());
-    cluster.drain(st.drain_timeout).await;
-    println!("left cleanly");
-    Ok(())
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        reason = cluster.failed() => {
+            // Every workload is fenced and no device call runs by now.
+            eprintln!("error: {reason}; this process stops");
+            std::process::exit(3);
+        }
+    }
+    println!(
+        "draining: handing over {} workloads (at most {}; a second signal stops at once)",
+        cluster.node().len(),
+        humantime::format_duration(st.drain_timeout)
+    );
+    let node = cluster.node().clone();
+    tokio::select! {
+        _ = cluster.drain(st.drain_timeout) => {}
+        _ = shutdown_signal() => {
+            eprintln!(
+                "second signal: stopping at once; {} workloads not handed over move to other \
+                 nodes once the TTL has passed",
+                node.len()
+            );
+            std::process::exit(130);
+        }
+    }
+    if node.is_empty() {
+        println!("left cleanly");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "drain limit ({}) passed with {} workloads not handed over; other nodes take \
+             them over once the TTL has passed",
+            humantime::format_duration(st.drain_timeout),
+            node.len()
+        )
+    }
 }
 
 fn init_logging(level: &str, format: &str) {

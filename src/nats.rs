@@ -21,10 +21,6 @@ use tokio::sync::mpsc;
 use crate::store::{BucketSpec, KvBucket, KvChange, KvEntry, StateStore, StoreError};
 use crate::transport::{Message, RequestHandler, Transport, TransportError};
 
-/// How long a watch may stay silent before it counts as caught up when the
-/// server could not tell (every entry expired between status and watch).
-const WATCH_SYNC_GRACE: Duration = Duration::from_secs(2);
-
 /// How to authenticate to NATS. Secrets are never logged; `Debug` masks them.
 #[derive(Clone, Default)]
 pub struct Auth {
@@ -211,7 +207,21 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 #[async_trait]
 impl StateStore for NatsStore {
+    fn connects(&self) -> u64 {
+        self.js
+            .client()
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Opens the bucket as it exists — its settings are never changed here:
+    /// the first node creates it, later ones read what it really is
+    /// ([`KvBucket::settings`]) and check that they can honour it.
     async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError> {
+        if let Ok(store) = self.js.get_key_value(&spec.name).await {
+            return open(self.js.client(), store).await;
+        }
         let config = kv::Config {
             bucket: spec.name.clone(),
             description: spec.description.clone(),
@@ -223,31 +233,57 @@ impl StateStore for NatsStore {
                 jetstream::stream::StorageType::File
             },
             num_replicas: spec.replicas.max(1),
-            // Expiry leaves a marker so watchers see a node leave at once.
+            // Expiry leaves a marker so watchers see an entry go.
             limit_markers: spec.max_age.map(|ttl| ttl.max(Duration::from_secs(1))),
             ..Default::default()
         };
-        if self.open_first {
-            if let Ok(store) = self.js.get_key_value(&spec.name).await {
-                return Ok(Arc::new(NatsBucket { store }));
-            }
+        let _ = self.open_first; // operators and nodes open alike now
+        match self.js.create_key_value(config).await {
+            Ok(store) => open(self.js.client(), store).await,
+            // Created by another node meanwhile: open that one.
+            Err(e) => match self.js.get_key_value(&spec.name).await {
+                Ok(store) => open(self.js.client(), store).await,
+                Err(_) => Err(backend(format!("creating bucket {}: {e}", spec.name))),
+            },
         }
-        let store = self
-            .js
-            .create_or_update_key_value(config)
-            .await
-            .map_err(|e| backend(format!("creating bucket {}: {e}", spec.name)))?;
-        Ok(Arc::new(NatsBucket { store }))
     }
+}
+
+/// A bucket with the settings its stream really has.
+async fn open(
+    client: async_nats::Client,
+    store: kv::Store,
+) -> Result<Arc<dyn KvBucket>, StoreError> {
+    let mut stream = store.stream.clone();
+    let c = stream.info().await.map_err(backend)?.config.clone();
+    let settings = BucketSpec {
+        name: store.name.clone(),
+        max_age: (!c.max_age.is_zero()).then_some(c.max_age),
+        history: u8::try_from(c.max_messages_per_subject.max(1)).unwrap_or(u8::MAX),
+        replicas: c.num_replicas,
+        in_memory: c.storage == jetstream::stream::StorageType::Memory,
+        description: c.description.clone().unwrap_or_default(),
+    };
+    Ok(Arc::new(NatsBucket {
+        store,
+        settings,
+        client,
+    }))
 }
 
 /// One JetStream KV bucket.
 pub(crate) struct NatsBucket {
     store: kv::Store,
+    settings: BucketSpec,
+    client: async_nats::Client,
 }
 
 #[async_trait]
 impl KvBucket for NatsBucket {
+    fn settings(&self) -> Option<BucketSpec> {
+        Some(self.settings.clone())
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
         match self.store.entry(key).await.map_err(backend)? {
             Some(e) if e.operation == kv::Operation::Put => Ok(Some(KvEntry {
@@ -305,67 +341,87 @@ impl KvBucket for NatsBucket {
         }
     }
 
+    /// The last value (or delete marker) of every key, then `Synced`, then
+    /// every change. The end of the replay is known from the consumer: the
+    /// number of messages pending when it was created (0: nothing to
+    /// replay), then each message's own pending count — never a timeout.
     async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError> {
-        let store = self.store.clone();
-        // Fresh stream info (the store's own is cached from when it was opened).
-        let mut stream = store.stream.clone();
-        let empty = stream.info().await.map_err(backend)?.state.messages == 0;
-        // `watch_all` delivers only new changes; this replays the last value
-        // (or delete marker) of every key first.
-        let watch = store.watch_with_history(">").await.map_err(backend)?;
+        use jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+        let store = &self.store;
+        let mut consumer = store
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("ottomato watch".to_string()),
+                filter_subject: format!("{}>", store.prefix),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(backend)?;
+        let pending = consumer.info().await.map_err(backend)?.num_pending;
+        let messages = consumer.messages().await.map_err(backend)?;
+        let prefix = store.prefix.clone();
         let bucket = store.name.clone();
-        let state = (watch, !empty, Vec::<KvChange>::new());
+        let synced_first = if pending == 0 {
+            futures::stream::iter(vec![KvChange::Synced]).boxed()
+        } else {
+            futures::stream::empty().boxed()
+        };
+        let state = (messages, pending > 0, None::<KvChange>);
         let changes =
-            futures::stream::unfold(state, move |(mut watch, mut syncing, mut queued)| {
-                let bucket = bucket.clone();
+            futures::stream::unfold(state, move |(mut messages, mut syncing, mut queued)| {
+                let (prefix, bucket) = (prefix.clone(), bucket.clone());
                 async move {
                     loop {
-                        if let Some(c) = queued.pop() {
-                            return Some((c, (watch, syncing, queued)));
+                        if let Some(c) = queued.take() {
+                            return Some((c, (messages, syncing, None)));
                         }
-                        let next = if syncing {
-                            match tokio::time::timeout(WATCH_SYNC_GRACE, watch.next()).await {
-                                Ok(n) => n,
-                                Err(_) => {
-                                    syncing = false;
-                                    return Some((KvChange::Synced, (watch, syncing, queued)));
-                                }
-                            }
-                        } else {
-                            watch.next().await
-                        };
-                        let entry = match next? {
-                            Ok(e) => e,
+                        let m = match messages.next().await? {
+                            Ok(m) => m,
                             Err(e) => {
                                 tracing::warn!(%bucket, error = %e, "watch error; continuing");
                                 continue;
                             }
                         };
-                        let change = match entry.operation {
-                            kv::Operation::Put => KvChange::Put(KvEntry {
-                                key: entry.key,
-                                value: entry.value,
-                                revision: entry.revision,
-                            }),
-                            kv::Operation::Delete | kv::Operation::Purge => KvChange::Delete {
-                                key: entry.key,
-                                revision: entry.revision,
-                            },
+                        let Ok(info) = m.info() else { continue };
+                        let (revision, left) = (info.stream_sequence, info.pending);
+                        let Some(key) = m.subject.as_str().strip_prefix(prefix.as_str()) else {
+                            continue;
                         };
-                        if syncing && entry.delta == 0 {
+                        let key = key.to_string();
+                        let change = if is_delete(&m) {
+                            KvChange::Delete { key, revision }
+                        } else {
+                            KvChange::Put(KvEntry {
+                                key,
+                                value: m.payload.clone(),
+                                revision,
+                            })
+                        };
+                        if syncing && left == 0 {
                             syncing = false;
-                            queued.push(KvChange::Synced); // after this change
+                            queued = Some(KvChange::Synced); // after this change
                         }
-                        return Some((change, (watch, syncing, queued)));
+                        return Some((change, (messages, syncing, queued)));
                     }
                 }
             });
-        let synced_first = if empty {
-            futures::stream::iter(vec![KvChange::Synced]).boxed()
-        } else {
-            futures::stream::empty().boxed()
-        };
         Ok(synced_first.chain(changes).boxed())
+    }
+}
+
+/// Whether a KV stream message is a delete, purge or expiry marker.
+fn is_delete(m: &jetstream::Message) -> bool {
+    let Some(h) = m.headers.as_ref() else {
+        return false;
+    };
+    match h.get("KV-Operation").map(|v| v.as_str()) {
+        Some("DEL") | Some("PURGE") => true,
+        Some(_) => false,
+        // Server-written markers (expiry, purge) carry a reason instead.
+        None => h.get("Nats-Marker-Reason").is_some(),
     }
 }
 

@@ -55,6 +55,10 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 pub(crate) struct Shared {
     pub(crate) cfg: NodeConfig,
     pub(crate) node_id: Arc<str>,
+    /// Random id of this process (new at every start), written in every
+    /// state record it owns: a restarted node does not own its
+    /// predecessor's claims.
+    pub(crate) incarnation: Arc<str>,
     hostname: Arc<str>,
     pub(crate) kinds: Kinds,
     pub(crate) subjects: Subjects,
@@ -443,6 +447,11 @@ impl Node {
         &self.shared.node_id
     }
 
+    /// This process's incarnation: random, new at every start.
+    pub fn incarnation(&self) -> &str {
+        &self.shared.incarnation
+    }
+
     /// The settings it runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.shared.cfg
@@ -720,7 +729,8 @@ impl Node {
         if let Some(f) = sh.fanout.get() {
             let _ = sh.transport.unserve(&sh.subjects.fanout(), f).await;
         }
-        self.flush_state().await;
+        // Bounded: with the store unreachable, writes never complete.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flush_state()).await;
         if let Some(sup) = sh.supervisor.get() {
             let _ = sup.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         }
@@ -879,6 +889,7 @@ impl NodeBuilder {
             .unwrap_or_else(|_| "unknown".into());
         let shared = Arc::new(Shared {
             node_id: cfg.node_id.as_str().into(),
+            incarnation: format!("{:016x}", rand::random::<u64>()).into(),
             health: health::spawn(&cfg),
             cfg,
             hostname: hostname.into(),
@@ -900,6 +911,7 @@ impl NodeBuilder {
             Arc::downgrade(&shared),
             bucket,
             shared.node_id.clone(),
+            shared.incarnation.clone(),
         ));
         let _ = shared.server.set(Arc::new(serve::TaskServer {
             shared: Arc::downgrade(&shared),

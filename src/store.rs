@@ -82,6 +82,11 @@ pub trait KvBucket: Send + Sync + 'static {
     async fn delete(&self, key: &str, expected: Option<u64>) -> Result<(), StoreError>;
     /// Every current entry as `Put`, then `Synced`, then every change as it happens.
     async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError>;
+    /// The settings the bucket really has (a bucket opened, not created,
+    /// may differ from what was asked for), if the backend can tell.
+    fn settings(&self) -> Option<BucketSpec> {
+        None
+    }
 }
 
 /// How a bucket is kept. Backends apply what they support and document the rest.
@@ -120,4 +125,10 @@ impl BucketSpec {
 pub trait StateStore: Send + Sync + 'static {
     /// Opens the bucket, creating it with `spec` if needed (idempotent).
     async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError>;
+
+    /// How many times the backend connection was (re)established; a change
+    /// tells watchers to resync in full. Constant for in-process backends.
+    fn connects(&self) -> u64 {
+        0
+    }
 }

@@ -125,7 +125,8 @@ impl Subjects {
             max_age: Some(ttl),
             history: 1,
             replicas,
-            in_memory: true,
+            // On disk: membership must survive a nats-server restart.
+            in_memory: false,
             description: "Ottomato membership: node id -> node info, expires without heartbeat"
                 .into(),
             ..BucketSpec::new(self.nodes_bucket())

@@ -235,6 +235,11 @@ mod tests {
 pub struct StateRecord {
     /// The node that holds the claim.
     pub owner: String,
+    /// The process of that node that holds it (its membership record's
+    /// `incarnation`): a restarted node — same id, new incarnation — does
+    /// not own its predecessor's claims. Empty in records with no owner.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
     /// The workload's kind (empty when its spec could not be read).
     #[serde(default)]
     pub kind: String,
@@ -289,6 +294,40 @@ pub struct NodeInfo {
     /// Handing its workloads over before leaving: placement skips it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Random id of this process, new at every start: two processes started
+    /// with one node id are told apart by it (the second refuses to start).
+    #[serde(default)]
+    pub incarnation: String,
+    /// Heartbeat counter of this incarnation (1, 2, …).
+    #[serde(default)]
+    pub beat: u64,
+    /// Heartbeat interval in ms, so a node starting under the same id knows
+    /// how long to watch for a live predecessor.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
+    /// Left cleanly, every workload released: gone now, not after the TTL.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
+}
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        NodeInfo {
+            id: String::new(),
+            zone: None,
+            labels: BTreeMap::new(),
+            capacity: None,
+            weight: 1.0,
+            version: String::new(),
+            started: SystemTime::UNIX_EPOCH,
+            load: 0,
+            draining: false,
+            incarnation: String::new(),
+            beat: 0,
+            heartbeat_ms: 0,
+            left: false,
+        }
+    }
 }
 
 impl NodeInfo {

@@ -228,8 +228,7 @@ mod tests {
                 weight: 1.0,
                 version: "t".into(),
                 started: SystemTime::UNIX_EPOCH,
-                load: 0,
-                draining: false,
+                ..Default::default()
             },
         )
     }

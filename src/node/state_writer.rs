@@ -59,6 +59,7 @@ struct Writer {
     shared: Weak<Shared>,
     bucket: Arc<dyn KvBucket>,
     node_id: Arc<str>,
+    incarnation: Arc<str>,
     revisions: HashMap<Arc<str>, u64>,
     /// What the last write of each key said (status, restarts, reason): an
     /// update saying the same again is skipped.
@@ -153,6 +154,7 @@ impl Writer {
         }
         let rec = StateRecord {
             owner: self.node_id.to_string(),
+            incarnation: self.incarnation.to_string(),
             kind: slot.spec.kind.clone(),
             status: g.status,
             since: g.since,
@@ -219,12 +221,14 @@ pub(crate) fn spawn(
     shared: Weak<Shared>,
     bucket: Arc<dyn KvBucket>,
     node_id: Arc<str>,
+    incarnation: Arc<str>,
 ) -> mpsc::UnboundedSender<WriteCmd> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut w = Writer {
         shared,
         bucket,
         node_id,
+        incarnation,
         revisions: HashMap::new(),
         written: HashMap::new(),
         queues: HashMap::new(),

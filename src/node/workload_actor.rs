@@ -616,6 +616,14 @@ impl WorkloadState {
     }
 }
 
+impl Drop for WorkloadState {
+    /// However the actor ends — even killed with its supervisor — no call
+    /// of its instance goes on: each ends at its next poll.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 fn task_error(e: TaskError) -> (ErrorCode, String) {
     let code = match &e {
         TaskError::UnknownCommand(_) => ErrorCode::UnknownCommand,

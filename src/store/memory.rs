@@ -31,7 +31,7 @@ impl StateStore for MemoryStore {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let b = buckets
             .entry(spec.name.clone())
-            .or_insert_with(|| MemoryBucket::new(spec.max_age));
+            .or_insert_with(|| MemoryBucket::new(spec));
         Ok(b.clone())
     }
 }
@@ -49,13 +49,16 @@ pub(crate) struct MemoryBucket {
     changes: broadcast::Sender<KvChange>,
     /// Whether entries expire (only then are write times kept).
     expires: bool,
+    /// What it was created with (later opens do not change it).
+    settings: BucketSpec,
 }
 
 /// How often expiry is checked, as a fraction of `max_age`.
 const EXPIRY_CHECKS_PER_AGE: u32 = 20;
 
 impl MemoryBucket {
-    fn new(max_age: Option<Duration>) -> Arc<Self> {
+    fn new(spec: &BucketSpec) -> Arc<Self> {
+        let max_age = spec.max_age;
         let b = Arc::new(MemoryBucket {
             inner: Mutex::new(Inner {
                 entries: BTreeMap::new(),
@@ -64,6 +67,7 @@ impl MemoryBucket {
             }),
             changes: broadcast::channel(65_536).0,
             expires: max_age.is_some_and(|a| !a.is_zero()),
+            settings: spec.clone(),
         });
         if let Some(age) = max_age.filter(|a| !a.is_zero()) {
             // Like JetStream's max age with limit markers: an entry not
@@ -184,6 +188,10 @@ impl KvBucket for MemoryBucket {
             });
         }
         Ok(())
+    }
+
+    fn settings(&self) -> Option<BucketSpec> {
+        Some(self.settings.clone())
     }
 
     async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError> {

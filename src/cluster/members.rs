@@ -1,0 +1,231 @@
+//! Who is alive, judged on this node's own monotonic clock — never on the
+//! server's clock or on expiry markers.
+//!
+//! A peer's claims may be taken over only once this node **knows** the peer
+//! has not renewed its lease for a full TTL:
+//!
+//! - every heartbeat of ours carries a counter (`beat`) and we note when we
+//!   sent it; when our watch of the membership bucket delivers it, the watch
+//!   has shown us everything written to the bucket before that moment (one
+//!   stream, delivered in order). That send time is `current_as_of`.
+//! - a peer incarnation last seen (delivered) at `seen` — or, if we never saw
+//!   it, since our watch started — is **dead** once
+//!   `current_as_of ≥ max(seen, watch started) + TTL`: it wrote nothing for a
+//!   full TTL, so its lease (`its send time + TTL − margin`) has run out, and
+//!   a node renews a lease only from an unbroken one (else it fences first).
+//! - a restarted watch (reconnect, resync) may have missed anything:
+//!   observation starts again from then.
+//! - a peer that left cleanly (`left: true`, nothing held) is dead at once.
+//!
+//! A stalled watch or a node that cannot heartbeat has a stale
+//! `current_as_of`, so it declares nobody dead: it cannot take over wrongly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::wire::NodeInfo;
+
+/// Send times of our heartbeats not yet seen on the watch (beat → sent).
+pub(crate) type SentBeats = Arc<Mutex<BTreeMap<u64, Instant>>>;
+
+struct Peer {
+    info: NodeInfo,
+    /// When its latest heartbeat was delivered to us.
+    seen: Instant,
+}
+
+/// What a membership change was.
+pub(crate) enum Observed {
+    /// A heartbeat of ours or of a peer.
+    Heartbeat,
+    /// Another process wrote our node id's entry.
+    Intruder(NodeInfo),
+}
+
+pub(crate) struct Members {
+    me: String,
+    incarnation: String,
+    ttl: Duration,
+    peers: BTreeMap<String, Peer>,
+    /// Older incarnations of ids (replaced by a restart): last seen.
+    retired: HashMap<String, Instant>,
+    watch_since: Instant,
+    current_as_of: Option<Instant>,
+    sent: SentBeats,
+}
+
+impl Members {
+    pub(crate) fn new(
+        me: &str,
+        incarnation: &str,
+        ttl: Duration,
+        sent: SentBeats,
+        now: Instant,
+    ) -> Members {
+        Members {
+            me: me.to_string(),
+            incarnation: incarnation.to_string(),
+            ttl,
+            peers: BTreeMap::new(),
+            retired: HashMap::new(),
+            watch_since: now,
+            current_as_of: None,
+            sent,
+        }
+    }
+
+    /// A predecessor under our id, seen at `at` (before we took the id over).
+    pub(crate) fn predecessor(&mut self, incarnation: &str, at: Instant) {
+        self.retired.insert(incarnation.to_string(), at);
+    }
+
+    /// The watch (re)started: whatever happened before may be unseen.
+    pub(crate) fn watch_restarted(&mut self, now: Instant) {
+        self.watch_since = now;
+    }
+
+    /// A membership entry was written (or replayed).
+    pub(crate) fn observe(&mut self, info: NodeInfo, now: Instant) -> Observed {
+        if info.id == self.me {
+            if info.incarnation != self.incarnation {
+                return Observed::Intruder(info);
+            }
+            let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(at) = sent.get(&info.beat).copied() {
+                self.current_as_of = Some(self.current_as_of.map_or(at, |c| c.max(at)));
+            }
+            // Older beats can no longer tell us more than this one.
+            *sent = sent.split_off(&(info.beat + 1));
+            return Observed::Heartbeat;
+        }
+        match self.peers.get_mut(&info.id) {
+            Some(p) if p.info.incarnation == info.incarnation => {
+                p.info = info;
+                p.seen = now;
+            }
+            Some(p) => {
+                // A new process under that id: the old one's claims stay
+                // held until it has been silent for a full TTL.
+                self.retired.insert(p.info.incarnation.clone(), p.seen);
+                p.info = info;
+                p.seen = now;
+            }
+            None => {
+                self.peers.insert(info.id.clone(), Peer { info, seen: now });
+            }
+        }
+        Observed::Heartbeat
+    }
+
+    /// Whether the process `incarnation` of node `owner` is certainly gone:
+    /// silent for a full TTL as far as our up-to-date watch shows, or left.
+    pub(crate) fn dead(&self, owner: &str, incarnation: &str) -> bool {
+        if owner == self.me && incarnation == self.incarnation {
+            return false;
+        }
+        let seen = match self.peers.get(owner) {
+            Some(p) if p.info.incarnation == incarnation => {
+                if p.info.left {
+                    return true;
+                }
+                Some(p.seen)
+            }
+            _ => self.retired.get(incarnation).copied(),
+        };
+        let since = seen.map_or(self.watch_since, |s| s.max(self.watch_since));
+        self.current_as_of.is_some_and(|c| c >= since + self.ttl)
+    }
+
+    /// Whether a claim by `owner`/`incarnation` is (possibly) held by a live
+    /// process: not known dead.
+    pub(crate) fn holds(&self, owner: &str, incarnation: &str) -> bool {
+        !owner.is_empty() && !self.dead(owner, incarnation)
+    }
+
+    /// The nodes placement counts as live: each id's latest incarnation
+    /// not known dead, and ourselves.
+    pub(crate) fn live(&self, me: &NodeInfo) -> BTreeMap<String, NodeInfo> {
+        let mut live: BTreeMap<String, NodeInfo> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| !p.info.left && !self.dead(id, &p.info.incarnation))
+            .map(|(id, p)| (id.clone(), p.info.clone()))
+            .collect();
+        live.insert(self.me.clone(), me.clone());
+        live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, inc: &str, beat: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            incarnation: inc.into(),
+            beat,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_is_dead_only_after_a_full_ttl_of_our_own_fresh_heartbeats() {
+        let ttl = Duration::from_secs(5);
+        let sent = SentBeats::default();
+        let t0 = Instant::now();
+        let mut m = Members::new("me", "i-me", ttl, sent.clone(), t0);
+        m.observe(info("p", "i-p", 1), t0);
+        assert!(!m.dead("p", "i-p"));
+        // Time passes, but our own heartbeats do not come back: nobody dies.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(!m.dead("p", "i-p"), "a stalled watch declares nobody dead");
+        // Our heartbeat sent at t0+20 s comes back: p silent for 20 s ≥ TTL.
+        sent.lock().unwrap().insert(7, Instant::now());
+        m.observe(info("me", "i-me", 7), Instant::now());
+        assert!(m.dead("p", "i-p"));
+        // A restarted watch starts observation afresh.
+        m.watch_restarted(Instant::now());
+        assert!(!m.dead("p", "i-p"));
+        tokio::time::advance(ttl).await;
+        sent.lock().unwrap().insert(8, Instant::now());
+        m.observe(info("me", "i-me", 8), Instant::now());
+        assert!(m.dead("p", "i-p"));
+        // Claims of a process never seen: dead after a TTL of watching.
+        assert!(m.dead("q", "i-q"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_peer_does_not_inherit_its_predecessors_claims_early() {
+        let ttl = Duration::from_secs(5);
+        let sent = SentBeats::default();
+        let mut m = Members::new("me", "i-me", ttl, sent.clone(), Instant::now());
+        m.observe(info("p", "old", 1), Instant::now());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        m.observe(info("p", "new", 1), Instant::now());
+        sent.lock().unwrap().insert(1, Instant::now());
+        m.observe(info("me", "i-me", 1), Instant::now());
+        assert!(m.holds("p", "old"), "old incarnation seen 2 s ago");
+        assert!(m.holds("p", "new"));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        sent.lock().unwrap().insert(2, Instant::now());
+        m.observe(info("me", "i-me", 2), Instant::now());
+        assert!(!m.holds("p", "old"), "old incarnation silent for 5 s");
+        assert!(m.holds("p", "new"));
+        let live = m.live(&info("me", "i-me", 2));
+        assert_eq!(live.keys().collect::<Vec<_>>(), ["me", "p"]);
+        // Someone else writing our id is an intruder.
+        assert!(matches!(
+            m.observe(info("me", "other", 1), Instant::now()),
+            Observed::Intruder(_)
+        ));
+        // A clean leave is dead at once.
+        let mut left = info("p", "new", 2);
+        left.left = true;
+        m.observe(left, Instant::now());
+        assert!(m.dead("p", "new"));
+    }
+}
