@@ -348,7 +348,7 @@ impl KvBucket for NatsBucket {
     async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError> {
         use jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
         let store = &self.store;
-        let mut consumer = store
+        let consumer = store
             .stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -360,7 +360,9 @@ impl KvBucket for NatsBucket {
             })
             .await
             .map_err(backend)?;
-        let pending = consumer.info().await.map_err(backend)?.num_pending;
+        // From the create response: no extra request (and no consumer-info
+        // permission) needed.
+        let pending = consumer.cached_info().num_pending;
         let messages = consumer.messages().await.map_err(backend)?;
         let prefix = store.prefix.clone();
         let bucket = store.name.clone();

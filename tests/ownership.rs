@@ -296,3 +296,235 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     op.assert_no_double_owner();
     assert_single_drivers(&fleet.trace, &fleet.died);
 }
+
+/// Waits for a process to exit (polling, to a deadline); its exit code.
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Publishes one request per id with its own reply subject and counts the
+/// replies each gets: every request must be answered exactly once.
+async fn replies_per_request(op: &Operator, ids: &[String]) -> HashMap<String, Vec<Value>> {
+    let tag = format!("_INBOX_COUNT_{}", rand_tag());
+    let mut sub = op.client.subscribe(format!("{tag}.>")).await.unwrap();
+    for id in ids {
+        op.client
+            .publish_with_reply(
+                format!("otto.task.{id}"),
+                format!("{tag}.{id}"),
+                Bytes::from_static(br#"{"command":"hello"}"#),
+            )
+            .await
+            .unwrap();
+    }
+    // One round trip to every node's connection later, then a short window
+    // for any second answer (a second responder answers as fast as the first).
+    let mut got: HashMap<String, Vec<Value>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(m)) =
+        tokio::time::timeout_at(deadline.into(), futures::StreamExt::next(&mut sub)).await
+    {
+        if m.payload.is_empty() {
+            continue;
+        }
+        let id = m.subject.as_str().rsplit('.').next().unwrap().to_string();
+        got.entry(id)
+            .or_default()
+            .push(serde_json::from_slice(&m.payload).unwrap());
+    }
+    got
+}
+
+fn rand_tag() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_a_node_id_in_use_is_refused_and_a_stale_one_is_fenced() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let logs = TempDir::new("logs");
+    let trace = logs.0.join("trace.log");
+    let ids = ids("n", 20);
+    add_traced(&op, &ids, &trace, json!({})).await;
+    let mut first = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    all_running_on(&op, &ids, &["a"], 60).await;
+
+    // A copy of the config started next to it: refused, one clear line.
+    let copy_logs = TempDir::new("logs-copy");
+    let mut copy = NodeProc::start(&server.url, "a", &copy_logs.0, &[]);
+    let code = wait_exit(&mut copy.child, Duration::from_secs(20)).expect("the copy exits");
+    let err = std::fs::read_to_string(&copy.log).unwrap();
+    assert_eq!(code, 1, "refused: {err}");
+    assert!(err.contains("is in use by a running node"), "{err}");
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "the first keeps running"
+    );
+    let once = replies_per_request(&op, &ids).await;
+    for id in &ids {
+        assert_eq!(
+            once.get(id).map_or(0, Vec::len),
+            1,
+            "{id}: {:?}",
+            once.get(id)
+        );
+    }
+
+    // The first is frozen; a second process under its id starts (the
+    // predecessor looks gone), takes the workloads over the normal way…
+    let first_pid = first.pid();
+    signal(first_pid, "STOP");
+    let logs2 = TempDir::new("logs2");
+    let second = NodeProc::start(&server.url, "a", &logs2.0, &[]);
+    eventually(60, "the second process runs every workload", || async {
+        let lines = ottomato::actors::sim::trace::read_trace(&trace);
+        ids.iter()
+            .all(|id| {
+                lines
+                    .iter()
+                    .any(|t| t.id == *id && t.pid == second.pid() && t.event == "init")
+            })
+            .then_some(())
+    })
+    .await;
+    // …and when the first wakes up, it sees another process wrote its
+    // entry: it fences everything and exits with code 3, never driving a device.
+    let resumed = support::fleet::unix_ns();
+    signal(first_pid, "CONT");
+    let code = wait_exit(&mut first.child, Duration::from_secs(20)).expect("the first exits");
+    let log = std::fs::read_to_string(&first.log).unwrap();
+    assert_eq!(code, 3, "{}", &log[log.len().saturating_sub(2000)..]);
+    assert!(log.contains("two processes run with node id"), "{log}");
+    let lines = assert_single_drivers(&trace, &HashMap::from([(first_pid, resumed)]));
+    assert!(
+        !lines
+            .iter()
+            .any(|t| t.pid == first_pid && t.start && t.ns > resumed),
+        "the stale process drove a device after it woke up"
+    );
+    all_running_on(&op, &ids, &["a"], 30).await;
+    let once = replies_per_request(&op, &ids).await;
+    for id in &ids {
+        assert_eq!(
+            once.get(id).map_or(0, Vec::len),
+            1,
+            "{id}: {:?}",
+            once.get(id)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_nats_server_restart_a_killed_node_still_fails_over_within_ttl_plus_2s() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let url = server.url.clone();
+    let op = Operator::connect(&url, 1).await;
+    let mut fleet = traced_fleet(&op, &url, "x", 300, &[], 90).await;
+    let (port, store) = server.kill();
+    let _server = NatsServer::start_with(Some(port), store, &[]);
+    // Everyone reconnected and resynced: the placement is stable again.
+    let owners = settle(&op, &fleet.ids, Duration::from_secs(3), 90).await;
+    let victims: Vec<String> = owners
+        .iter()
+        .filter(|(_, o)| *o == "b")
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(victims.len() > 50, "b owns only {}", victims.len());
+    op.gone.lock().unwrap().insert("b".into());
+    let killed = Instant::now();
+    fleet.kill(1);
+    all_running_on(&op, &victims, &["a", "c"], 60).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "failover of {} workloads after a NATS restart took {took:?}",
+        victims.len()
+    );
+    assert!(
+        took <= support::fleet::TTL + Duration::from_secs(2),
+        "failover took {took:?}"
+    );
+    assert_single_drivers(&fleet.trace, &fleet.died);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_with_another_ttl_or_replica_count_is_refused() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let logs = TempDir::new("logs");
+    let _a = NodeProc::start(&server.url, "a", &logs.0, &[]);
+    let op = Operator::connect(&server.url, 1).await;
+    eventually(30, "a registered", || async {
+        let js = async_nats::jetstream::new(op.client.clone());
+        let kv = js.get_key_value("otto_nodes").await.ok()?;
+        kv.get("a").await.ok()?.map(|_| ())
+    })
+    .await;
+    for (name, flags, wanted) in [
+        (
+            "short",
+            &["--ttl", "2s", "--heartbeat", "500ms"][..],
+            "--ttl 5s",
+        ),
+        ("copies", &["--replicas", "3"][..], "--replicas 1"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ottomato"))
+            .args(["node", "-s", &server.url, "--node-id", name])
+            .args(flags)
+            .output()
+            .unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(wanted), "{name}: {err}");
+    }
+    // The running node's membership TTL is untouched.
+    let js = async_nats::jetstream::new(op.client.clone());
+    let mut stream = js.get_stream("KV_otto_nodes").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_age,
+        Duration::from_secs(5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_unreachable_exits_within_the_drain_limit() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let op = Operator::connect(&server.url, 1).await;
+    let logs = TempDir::new("logs");
+    let ids = ids("t", 1000);
+    for id in &ids {
+        op.add(id, json!({"kind": "sim"})).await;
+    }
+    let mut a = NodeProc::start(&server.url, "a", &logs.0, &["--drain-timeout", "5s"]);
+    all_running_on(&op, &ids, &["a"], 120).await;
+    drop(op);
+    drop(server); // nats-server stopped
+    let asked = Instant::now();
+    signal(a.pid(), "TERM");
+    let code = wait_exit(&mut a.child, Duration::from_secs(20));
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    let took = asked.elapsed();
+    assert!(
+        code.is_some() && took <= Duration::from_secs(7),
+        "still running {took:?} after SIGTERM (drain limit 5 s): {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert_ne!(code, Some(0), "it could not hand over: not a clean exit");
+    assert!(log.contains("drain limit"), "{log}");
+}
