@@ -53,6 +53,12 @@ pub(crate) mod placement;
 
 use members::{Members, Observed, SentBeats};
 
+/// A release not confirmed by the watch this long is looked at again.
+const RELEASE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Longest a claim or release call to the store may take.
+const STORE_CALL_LIMIT: Duration = Duration::from_secs(10);
+
 /// A workload taken by the grace rule stays for this many grace periods
 /// before placement may move it to its (apparently not claiming) owner again.
 const GRACE_HOLD_FACTOR: u32 = 10;
@@ -309,7 +315,7 @@ impl Cluster {
             synced: [false; 3],
             replayed: [None, None, None],
             pending: HashSet::default(),
-            releasing: HashSet::default(),
+            releasing: HashMap::default(),
             running_rev: HashMap::default(),
             failed_rev: HashMap::default(),
             results_tx,
@@ -845,7 +851,7 @@ struct Coordinator {
     /// Claims in flight.
     pending: HashSet<String>,
     /// Workloads we are handing over; until their claim's delete is seen.
-    releasing: HashSet<String>,
+    releasing: HashMap<String, Instant>,
     /// The spec revision each local workload runs.
     running_rev: HashMap<String, u64>,
     /// Spec revisions this node could not run (unknown kind, bad config):
@@ -1239,6 +1245,10 @@ impl Coordinator {
             "reconcile"
         );
         let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
+        // A release whose key change we never saw (the write failed for
+        // good, or the watch missed it) is looked at afresh after a while.
+        self.releasing
+            .retain(|id, since| local.contains(id) || since.elapsed() < RELEASE_RECHECK);
         let mut handoffs = self.releasing.len();
         // Local workloads dead here for long: let another node try.
         if let Some(after) = self.cfg.move_dead_after {
@@ -1246,7 +1256,7 @@ impl Coordinator {
                 .dead_since
                 .iter()
                 .filter(|(id, t)| {
-                    t.elapsed() >= after && local.contains(*id) && !self.releasing.contains(*id)
+                    t.elapsed() >= after && local.contains(*id) && !self.releasing.contains_key(*id)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -1261,7 +1271,7 @@ impl Coordinator {
         }
         // Local workloads: spec gone or changed, or placed elsewhere now.
         for id in &local {
-            if self.releasing.contains(id) {
+            if self.releasing.contains_key(id) {
                 continue;
             }
             let why = match self.specs.get(id) {
@@ -1292,7 +1302,7 @@ impl Coordinator {
                 tracing::info!(node = %self.me, workload = %id, reason = %why, "releasing");
                 match self.node.delete_workload(id) {
                     Ok(()) => {
-                        self.releasing.insert(id.clone());
+                        self.releasing.insert(id.clone(), Instant::now());
                         self.running_rev.remove(id);
                         self.publish_cluster_event(id, "released", &why);
                     }
@@ -1338,7 +1348,7 @@ impl Coordinator {
                 self.unclaimed_since.remove(id);
                 continue;
             }
-            if self.pending.contains(id) || local.contains(id) || self.releasing.contains(id) {
+            if self.pending.contains(id) || local.contains(id) || self.releasing.contains_key(id) {
                 // Held (or changing hands through us): not stranded.
                 self.unclaimed_since.remove(id);
                 continue;
@@ -1446,7 +1456,7 @@ impl Coordinator {
                     && !self.specs.contains_key(*id)
                     && !local.contains(*id)
                     && !self.pending.contains(*id)
-                    && !self.releasing.contains(*id)
+                    && !self.releasing.contains_key(*id)
             })
             .map(|(id, c)| (id.clone(), c.revision))
             .collect();
@@ -1506,7 +1516,7 @@ impl Coordinator {
         tracing::info!(node = %self.me, workload = %id, "dead here: handing it on");
         match self.node.hand_over_workload(id, json_bytes(&record)) {
             Ok(()) => {
-                self.releasing.insert(id.to_string());
+                self.releasing.insert(id.to_string(), Instant::now());
                 self.running_rev.remove(id);
                 self.dead_since.remove(id);
                 self.publish_cluster_event(id, "released", "dead here; another node will try");
@@ -1517,11 +1527,15 @@ impl Coordinator {
     }
 
     fn spawn_release_key(&mut self, id: String, revision: u64) {
-        self.releasing.insert(id.clone());
+        self.releasing.insert(id.clone(), Instant::now());
         let state = self.state.clone();
         tokio::spawn(async move {
-            if let Err(e) = state.delete(&id, Some(revision)).await {
-                tracing::debug!(workload = %id, error = %e, "stale claim not deleted");
+            // Failures are looked at again by a later reconcile
+            // (`RELEASE_RECHECK`), against what the store says then.
+            match tokio::time::timeout(STORE_CALL_LIMIT, state.delete(&id, Some(revision))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(workload = %id, error = %e, "stale claim not deleted"),
+                Err(_) => tracing::debug!(workload = %id, "stale claim delete timed out"),
             }
         });
     }
@@ -1569,10 +1583,17 @@ impl Coordinator {
         let state = self.state.clone();
         let tx = self.results_tx.clone();
         tokio::spawn(async move {
-            let result = match kind {
-                ClaimKind::Create | ClaimKind::Unplaceable(_) => state.create(&id, value).await,
-                ClaimKind::Replace(rev) => state.update(&id, value, rev).await,
+            let write = async {
+                match kind {
+                    ClaimKind::Create | ClaimKind::Unplaceable(_) => state.create(&id, value).await,
+                    ClaimKind::Replace(rev) => state.update(&id, value, rev).await,
+                }
             };
+            // A claim that hangs is a failed one (if it lands later, the
+            // watch shows our record and reconcile adopts or releases it).
+            let result = tokio::time::timeout(STORE_CALL_LIMIT, write)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Backend("claim timed out".into())));
             let _ = tx.send(ClaimResult {
                 id,
                 spec_revision,

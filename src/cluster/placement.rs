@@ -88,7 +88,8 @@ pub(crate) fn assign<'a>(
         .map(|(id, n)| {
             let fair = (total * n.weight.max(1e-9) / total_weight * (1.0 + EPSILON)).ceil() as u64;
             let hard = n.capacity.map_or(u64::MAX, u64::from);
-            (*id, fair.min(hard).max(1))
+            // At least one (so a share rounds up), never past the hard capacity.
+            (*id, fair.max(1).min(hard))
         })
         .collect();
     let mut load: HashMap<&str, u64> = HashMap::default();
@@ -295,6 +296,19 @@ mod tests {
         let l = loads(&after);
         let (max, min) = (*l.values().max().unwrap(), *l.values().min().unwrap());
         assert!(((max - min) as f64) <= 0.01 * 7_500.0, "{l:?}");
+    }
+
+    #[test]
+    fn a_node_with_capacity_zero_gets_nothing() {
+        let nodes: BTreeMap<String, NodeInfo> =
+            [node("a", None, Some(0)), node("b", None, None)].into();
+        let ids = ids(50);
+        let none = Placement::default();
+        let a = assign(&nodes, ids.iter().map(|i| (i.as_str(), &none, &[][..])));
+        assert!(a.values().all(|o| o.as_deref() == Ok("b")), "{a:?}");
+        let only: BTreeMap<String, NodeInfo> = [node("a", None, Some(0))].into();
+        let a = assign(&only, ids.iter().map(|i| (i.as_str(), &none, &[][..])));
+        assert!(a.values().all(|o| o.as_ref().is_err_and(|e| e.contains("capacity"))));
     }
 
     #[test]

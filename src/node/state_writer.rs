@@ -7,6 +7,14 @@
 //! means somebody else wrote the key: the node has lost the workload and
 //! fences it (stops its actor) and never writes the key again.
 //!
+//! A write that fails with a backend error (a NATS blip) is retried with
+//! backoff from the last revision this node knows — never turned into a
+//! create. A revision mismatch is checked against the store first: if the
+//! record there is this process's own (a write that landed although its
+//! answer was lost), its revision is adopted and writing goes on; only a
+//! record of someone else fences. Removals (delete, handover) retry the
+//! same way until they land or someone else has written the key.
+//!
 //! Writes are pipelined: up to [`MAX_IN_FLIGHT`] keys are written at once,
 //! while operations on one key run strictly in order, one at a time. Writes
 //! coalesce: a slot queued while dirty is written once, with its latest status.
@@ -52,8 +60,17 @@ type Said = (crate::Status, u32, Option<Box<str>>);
 
 enum Done {
     Wrote(Result<u64, StoreError>, Arc<Slot>),
-    Removed(Result<(), StoreError>),
+    /// A removal ended; with the revision and handover record it used.
+    Removed(Result<(), StoreError>, u64, Option<Bytes>),
+    /// What the store holds after a mismatch, and the operation to go on with.
+    Reread(Result<Option<crate::store::KvEntry>, StoreError>, Op),
+    /// Backoff over: run this operation (again).
+    Retry(Op),
 }
+
+/// First and longest wait before retrying a write that failed on the backend.
+const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Writer {
     shared: Weak<Shared>,
@@ -68,6 +85,8 @@ struct Writer {
     busy: HashSet<Arc<str>>,
     in_flight: FuturesUnordered<BoxFuture<'static, (Arc<str>, Done)>>,
     flushes: Vec<oneshot::Sender<()>>,
+    /// Consecutive backend failures per key (for the backoff).
+    failures: HashMap<Arc<str>, u32>,
 }
 
 impl Writer {
@@ -126,11 +145,11 @@ impl Writer {
                     };
                     self.in_flight.push(
                         async move {
-                            let r = match record {
+                            let r = match record.clone() {
                                 Some(value) => bucket.update(&key, value, rev).await.map(|_| ()),
                                 None => bucket.delete(&key, Some(rev)).await,
                             };
-                            (key, Done::Removed(r))
+                            (key, Done::Removed(r, rev, record))
                         }
                         .boxed(),
                     );
@@ -174,34 +193,117 @@ impl Writer {
             .map(|v| (Bytes::from(v), said))
     }
 
+    /// Runs `op` again after a backoff; the key stays busy meanwhile, so
+    /// later operations on it wait their turn.
+    fn retry_later(&mut self, id: Arc<str>, op: Op) {
+        let n = self.failures.entry(id.clone()).or_insert(0);
+        *n += 1;
+        let wait = crate::config::backoff(RETRY_MIN, RETRY_MAX, *n);
+        self.busy.insert(id.clone());
+        self.in_flight.push(
+            async move {
+                tokio::time::sleep(wait).await;
+                (id, Done::Retry(op))
+            }
+            .boxed(),
+        );
+    }
+
+    /// Reads the key after a mismatch, then goes on with `op`.
+    fn reread(&mut self, id: Arc<str>, op: Op) {
+        let bucket = self.bucket.clone();
+        self.busy.insert(id.clone());
+        self.in_flight.push(
+            async move {
+                let r = bucket.get(&id).await;
+                (id, Done::Reread(r, op))
+            }
+            .boxed(),
+        );
+    }
+
+    /// Whether a stored record is this process's own.
+    fn ours(&self, value: &[u8]) -> bool {
+        serde_json::from_slice::<StateRecord>(value).is_ok_and(|r| {
+            r.owner == *self.node_id && r.incarnation == *self.incarnation
+        })
+    }
+
     fn done(&mut self, id: Arc<str>, done: Done) {
         self.busy.remove(&id);
         let shared = self.shared.upgrade();
         match done {
             Done::Wrote(Ok(rev), _) => {
+                self.failures.remove(&id);
                 self.revisions.insert(id.clone(), rev);
             }
             Done::Wrote(Err(e), slot) => {
-                self.revisions.remove(&id);
+                // Rewrite in full next time: what the store says is unknown.
                 self.written.remove(&id);
-                if let Some(shared) = &shared {
-                    match e {
-                        StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {
-                            shared.fence(
-                                &slot,
-                                format!("claim lost: state key was written by someone else ({e})"),
-                            )
+                match e {
+                    StoreError::Backend(m) => {
+                        if let Some(shared) = &shared {
+                            shared.report_error(NodeError::Backend(format!(
+                                "writing state of {id}: {m}; retrying"
+                            )));
                         }
-                        StoreError::Backend(m) => shared.report_error(NodeError::Backend(format!(
-                            "writing state of {id}: {m}"
-                        ))),
+                        slot.dirty.store(true, Ordering::Release);
+                        return self.retry_later(id, Op::Upsert(slot));
+                    }
+                    StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {
+                        return self.reread(id, Op::Upsert(slot));
                     }
                 }
             }
-            Done::Removed(Ok(())) => {}
-            Done::Removed(Err(e)) => {
-                if let Some(shared) = &shared {
-                    shared.report_error(NodeError::Backend(format!("deleting state of {id}: {e}")));
+            Done::Reread(Err(_), op) => return self.retry_later(id, op),
+            Done::Reread(Ok(entry), op) => match (entry, op) {
+                (Some(e), op) if self.ours(&e.value) => {
+                    // Our own write landed; its answer was lost. Go on from it.
+                    self.revisions.insert(id.clone(), e.revision);
+                    if let Op::Upsert(slot) = &op {
+                        slot.dirty.store(true, Ordering::Release);
+                    }
+                    self.queues.entry(id.clone()).or_default().push_front(op);
+                }
+                (found, Op::Upsert(slot)) => {
+                    self.revisions.remove(&id);
+                    if let Some(shared) = &shared {
+                        let who = found
+                            .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
+                            .map_or("deleted".to_string(), |r| {
+                                format!("owned by {} now", if r.owner.is_empty() { "nobody" } else { &r.owner })
+                            });
+                        shared.fence(
+                            &slot,
+                            format!("claim lost: state key was written by someone else ({who})"),
+                        );
+                    }
+                }
+                // A removal whose key someone else wrote (or deleted): done.
+                _ => {}
+            },
+            Done::Retry(op) => {
+                self.queues.entry(id.clone()).or_default().push_front(op);
+            }
+            Done::Removed(Ok(()), _, _) => {
+                self.failures.remove(&id);
+            }
+            Done::Removed(Err(e), rev, record) => {
+                let op = match record {
+                    Some(r) => Op::Handover(r),
+                    None => Op::Remove,
+                };
+                self.revisions.insert(id.clone(), rev);
+                match e {
+                    StoreError::Backend(m) => {
+                        if let Some(shared) = &shared {
+                            shared.report_error(NodeError::Backend(format!(
+                                "releasing state of {id}: {m}; retrying"
+                            )));
+                        }
+                        return self.retry_later(id, op);
+                    }
+                    _ => return self.reread(id, op),
                 }
             }
         }
@@ -235,6 +337,7 @@ pub(crate) fn spawn(
         busy: HashSet::new(),
         in_flight: FuturesUnordered::new(),
         flushes: Vec::new(),
+        failures: HashMap::new(),
     };
     tokio::spawn(async move {
         loop {
