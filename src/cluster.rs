@@ -162,6 +162,8 @@ pub struct Cluster {
     info: Arc<std::sync::Mutex<NodeInfo>>,
     kick: Arc<tokio::sync::Notify>,
     fatal: Fatal,
+    /// Revision of our membership entry's last write (the heartbeat's).
+    membership_revision: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Cluster {
@@ -189,6 +191,10 @@ struct Fatal(Arc<watch::Sender<Option<String>>>);
 impl Fatal {
     fn new() -> Fatal {
         Fatal(Arc::new(watch::channel(None).0))
+    }
+
+    fn raised(&self) -> bool {
+        self.0.borrow().is_some()
     }
 
     fn raise(&self, node: &Node, reason: String) {
@@ -231,14 +237,27 @@ impl Cluster {
             .start()
             .await?;
         let subjects = node.subjects().clone();
-        let workloads = open_bucket(&*store, &subjects.workloads_bucket_spec(cfg.replicas)).await?;
-        let nodes = open_bucket(
-            &*store,
-            &subjects.nodes_bucket_spec(cfg.node_ttl, cfg.replicas),
-        )
-        .await?;
-        let state = open_bucket(&*store, &subjects.state_bucket_spec_with(cfg.replicas)).await?;
-        check_settings(&cfg, &nodes, &[&workloads, &state])?;
+        let opened = async {
+            let workloads =
+                open_bucket(&*store, &subjects.workloads_bucket_spec(cfg.replicas)).await?;
+            let nodes = open_bucket(
+                &*store,
+                &subjects.nodes_bucket_spec(cfg.node_ttl, cfg.replicas),
+            )
+            .await?;
+            let state =
+                open_bucket(&*store, &subjects.state_bucket_spec_with(cfg.replicas)).await?;
+            check_settings(&cfg, &nodes, &[&workloads, &state])?;
+            Ok::<_, NodeError>((workloads, nodes, state))
+        }
+        .await;
+        let (workloads, nodes, state) = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                node.stop().await;
+                return Err(e);
+            }
+        };
         let me = node.id().to_string();
         let incarnation = node.incarnation().to_string();
         let mut info = NodeInfo {
@@ -258,9 +277,15 @@ impl Cluster {
         };
         // Register before claiming anything: others must see us alive first.
         // Never next to another live process under our id.
-        let (revision, predecessor) = register(&*nodes, &info, &cfg).await?;
+        let (revision, sent, predecessor) = match register(&*nodes, &info, &cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                node.stop().await;
+                return Err(e);
+            }
+        };
+        let membership_revision = Arc::new(std::sync::atomic::AtomicU64::new(revision));
         let sent_beats = SentBeats::default();
-        let sent = Instant::now();
         sent_beats
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -276,7 +301,7 @@ impl Cluster {
             shared_info.clone(),
             kick.clone(),
             cfg.clone(),
-            revision,
+            membership_revision.clone(),
             sent_beats.clone(),
             fatal.clone(),
         ));
@@ -332,6 +357,7 @@ impl Cluster {
             info: shared_info,
             kick,
             fatal,
+            membership_revision,
         })
     }
 
@@ -395,13 +421,24 @@ impl Cluster {
                 json_bytes(&*i)
             })
             .ok();
-        if let Some(value) = info {
-            if let Err(e) = self.nodes.put(self.node.id(), value).await {
-                tracing::warn!(error = %e, "could not announce leaving; the entry will expire");
+        // Compare-and-set on our last heartbeat's revision: never over a
+        // successor's entry.
+        let rev = self
+            .membership_revision
+            .load(std::sync::atomic::Ordering::Acquire);
+        let left = match info {
+            Some(value) => self.nodes.update(self.node.id(), value, rev).await,
+            None => Err(StoreError::Backend("membership record unreadable".into())),
+        };
+        match left {
+            Ok(rev) => {
+                if let Err(e) = self.nodes.delete(self.node.id(), Some(rev)).await {
+                    tracing::warn!(error = %e, "could not delete membership entry; it will expire");
+                }
             }
-        }
-        if let Err(e) = self.nodes.delete(self.node.id(), None).await {
-            tracing::warn!(error = %e, "could not delete membership entry; it will expire");
+            Err(e) => {
+                tracing::warn!(error = %e, "could not announce leaving; the entry will expire")
+            }
         }
         tracing::info!(node = self.node.id(), "left cluster");
     }
@@ -549,7 +586,7 @@ async fn register(
     nodes: &dyn KvBucket,
     info: &NodeInfo,
     cfg: &ClusterConfig,
-) -> Result<(u64, Option<(String, Instant)>), NodeError> {
+) -> Result<(u64, Instant, Option<(String, Instant)>), NodeError> {
     let in_use = |other: &NodeInfo| {
         NodeError::IdInUse(format!(
             "node id {:?} is in use by a running node (incarnation {}, version {}, started {}); \
@@ -600,22 +637,25 @@ async fn register(
         }
     }
     let value = json_bytes(info);
+    // The lease counts from before the write that registers us.
+    let sent = Instant::now();
     let written = match &existing {
         Some(e) => nodes.update(&info.id, value.clone(), e.revision).await,
         None => nodes.create(&info.id, value.clone()).await,
     };
     match written {
-        Ok(rev) => Ok((rev, predecessor)),
+        Ok(rev) => Ok((rev, sent, predecessor)),
         // It expired while we watched: a fresh create.
         Err(StoreError::RevisionMismatch { .. }) | Err(StoreError::AlreadyExists { .. }) => {
             match nodes.get(&info.id).await.map_err(backend)? {
-                None => Ok((
-                    nodes.create(&info.id, value).await.map_err(|e| match e {
+                None => {
+                    let sent = Instant::now();
+                    let rev = nodes.create(&info.id, value).await.map_err(|e| match e {
                         StoreError::AlreadyExists { .. } => in_use(&NodeInfo::default()),
                         e => backend(e),
-                    })?,
-                    predecessor,
-                )),
+                    })?;
+                    Ok((rev, sent, predecessor))
+                }
                 Some(e) => Err(in_use(&parse(&e).unwrap_or_default())),
             }
         }
@@ -636,16 +676,20 @@ async fn heartbeat_loop(
     info: Arc<std::sync::Mutex<NodeInfo>>,
     kick: Arc<tokio::sync::Notify>,
     cfg: ClusterConfig,
-    mut revision: u64,
+    shared_revision: Arc<std::sync::atomic::AtomicU64>,
     sent_beats: SentBeats,
     fatal: Fatal,
 ) {
+    let mut revision = shared_revision.load(std::sync::atomic::Ordering::Acquire);
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = kick.notified() => {}
+        }
+        if fatal.raised() {
+            return; // pushed out: never write our id's entry again
         }
         if !node.lease_valid() && !node.is_empty() {
             fence_all(&node);
@@ -682,6 +726,7 @@ async fn heartbeat_loop(
         {
             Ok(Ok(rev)) => {
                 revision = rev;
+                shared_revision.store(rev, std::sync::atomic::Ordering::Release);
                 renew(&node);
             }
             Ok(Err(StoreError::RevisionMismatch { .. })) => {
@@ -691,6 +736,7 @@ async fn heartbeat_loop(
                         match nodes.create(node.id(), value).await {
                             Ok(rev) => {
                                 revision = rev;
+                                shared_revision.store(rev, std::sync::atomic::Ordering::Release);
                                 renew(&node);
                             }
                             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
@@ -702,6 +748,7 @@ async fn heartbeat_loop(
                         if other.incarnation == node.incarnation() {
                             // Our own write landed; its answer was lost.
                             revision = e.revision;
+                            shared_revision.store(revision, std::sync::atomic::Ordering::Release);
                         } else {
                             fatal.raise(
                                 &node,
@@ -960,7 +1007,12 @@ impl Coordinator {
                         inputs = self.watches();
                     }
                 }
-                _ = tokio::time::sleep_until(due), if dirty => {}
+                // Only when a reconcile can run: while a watch replays, this
+                // would fire at once, again and again (a busy loop).
+                _ = tokio::time::sleep_until(due), if dirty && self.synced.iter().all(|s| *s) => {}
+            }
+            if self.fatal.raised() {
+                return; // pushed out: nothing more to coordinate
             }
             if dirty && self.synced.iter().all(|s| *s) && Instant::now() >= due {
                 let started = Instant::now();
@@ -1147,6 +1199,8 @@ impl Coordinator {
                         .map(|r| (r.owner, r.incarnation, r.avoid, r.moves))
                         .unwrap_or_else(|_| ("?".into(), String::new(), Vec::new(), 0));
                 let ours = owner == self.me && incarnation == self.incarnation;
+                self.members
+                    .note_claimant(&owner, &incarnation, Instant::now());
                 if self
                     .claims
                     .get(&e.key)
@@ -1181,12 +1235,10 @@ impl Coordinator {
                 }
                 self.claims.remove(&key);
                 self.releasing.remove(&key);
-                if self.node.has_workload(&key)
-                    && self
-                        .node
-                        .workload(&key)
-                        .is_some_and(|w| w.status != Status::Stopping)
-                {
+                // Our own delete comes only after the workload left the
+                // node (`finish_removal`): one still here lost its key to
+                // someone else — also while it is being released.
+                if self.node.has_workload(&key) {
                     self.node.fence_workload(
                         &key,
                         "claim lost: state key deleted by someone else".into(),
@@ -1247,8 +1299,13 @@ impl Coordinator {
         let local: HashSet<String> = self.node.workload_ids().into_iter().collect();
         // A release whose key change we never saw (the write failed for
         // good, or the watch missed it) is looked at afresh after a while.
-        self.releasing
-            .retain(|id, since| local.contains(id) || since.elapsed() < RELEASE_RECHECK);
+        let now = Instant::now();
+        self.releasing.retain(|id, since| {
+            if local.contains(id) {
+                *since = now; // still ending here: counted from when it is gone
+            }
+            now - *since < RELEASE_RECHECK
+        });
         let mut handoffs = self.releasing.len();
         // Local workloads dead here for long: let another node try.
         if let Some(after) = self.cfg.move_dead_after {
@@ -1534,7 +1591,9 @@ impl Coordinator {
             // (`RELEASE_RECHECK`), against what the store says then.
             match tokio::time::timeout(STORE_CALL_LIMIT, state.delete(&id, Some(revision))).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(workload = %id, error = %e, "stale claim not deleted"),
+                Ok(Err(e)) => {
+                    tracing::debug!(workload = %id, error = %e, "stale claim not deleted")
+                }
                 Err(_) => tracing::debug!(workload = %id, "stale claim delete timed out"),
             }
         });
@@ -1616,6 +1675,15 @@ impl Coordinator {
             }
             Err(_) => return, // somebody else was faster: the watch tells us who
         };
+        if self
+            .claims
+            .get(&r.id)
+            .is_some_and(|c| c.revision > revision)
+        {
+            // Someone wrote the key after our claim landed (the watch was
+            // faster than our answer): it is not ours to start.
+            return;
+        }
         if r.unplaceable {
             self.claims.insert(
                 r.id,

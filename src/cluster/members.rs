@@ -52,6 +52,11 @@ pub(crate) struct Members {
     peers: BTreeMap<String, Peer>,
     /// Older incarnations of ids (replaced by a restart): last seen.
     retired: HashMap<String, Instant>,
+    /// Incarnations known only from their claims (never seen heartbeating):
+    /// when we first saw one of their claims. The membership and state
+    /// watches are separate streams: a claim may arrive before its owner's
+    /// first heartbeat does.
+    claimants: HashMap<String, Instant>,
     watch_since: Instant,
     current_as_of: Option<Instant>,
     sent: SentBeats,
@@ -71,6 +76,7 @@ impl Members {
             ttl,
             peers: BTreeMap::new(),
             retired: HashMap::new(),
+            claimants: HashMap::new(),
             watch_since: now,
             current_as_of: None,
             sent,
@@ -80,6 +86,21 @@ impl Members {
     /// A predecessor under our id, seen at `at` (before we took the id over).
     pub(crate) fn predecessor(&mut self, incarnation: &str, at: Instant) {
         self.retired.insert(incarnation.to_string(), at);
+    }
+
+    /// A claim by `owner`/`incarnation` was seen: an incarnation we know
+    /// nothing of yet counts as seen now.
+    pub(crate) fn note_claimant(&mut self, owner: &str, incarnation: &str, now: Instant) {
+        if owner.is_empty()
+            || self.retired.contains_key(incarnation)
+            || self
+                .peers
+                .get(owner)
+                .is_some_and(|p| p.info.incarnation == incarnation)
+        {
+            return;
+        }
+        self.claimants.entry(incarnation.to_string()).or_insert(now);
     }
 
     /// The watch (re)started: whatever happened before may be unseen.
@@ -133,7 +154,11 @@ impl Members {
                 }
                 Some(p.seen)
             }
-            _ => self.retired.get(incarnation).copied(),
+            _ => self
+                .retired
+                .get(incarnation)
+                .or_else(|| self.claimants.get(incarnation))
+                .copied(),
         };
         let since = seen.map_or(self.watch_since, |s| s.max(self.watch_since));
         self.current_as_of.is_some_and(|c| c >= since + self.ttl)
@@ -196,6 +221,26 @@ mod tests {
         assert!(m.dead("p", "i-p"));
         // Claims of a process never seen: dead after a TTL of watching.
         assert!(m.dead("q", "i-q"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_seen_before_its_owners_first_heartbeat_is_not_taken_early() {
+        let ttl = Duration::from_secs(5);
+        let sent = SentBeats::default();
+        let mut m = Members::new("me", "i-me", ttl, sent.clone(), Instant::now());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        sent.lock().unwrap().insert(1, Instant::now());
+        m.observe(info("me", "i-me", 1), Instant::now());
+        // A new node's claim arrives on the state watch before its heartbeat.
+        m.note_claimant("d", "i-d", Instant::now());
+        assert!(m.holds("d", "i-d"), "first seen just now");
+        tokio::time::advance(ttl).await;
+        sent.lock().unwrap().insert(2, Instant::now());
+        m.observe(info("me", "i-me", 2), Instant::now());
+        assert!(
+            !m.holds("d", "i-d"),
+            "silent for a full TTL since its claim"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -308,7 +308,9 @@ mod tests {
         assert!(a.values().all(|o| o.as_deref() == Ok("b")), "{a:?}");
         let only: BTreeMap<String, NodeInfo> = [node("a", None, Some(0))].into();
         let a = assign(&only, ids.iter().map(|i| (i.as_str(), &none, &[][..])));
-        assert!(a.values().all(|o| o.as_ref().is_err_and(|e| e.contains("capacity"))));
+        assert!(a
+            .values()
+            .all(|o| o.as_ref().is_err_and(|e| e.contains("capacity"))));
     }
 
     #[test]

@@ -233,7 +233,7 @@ impl RequestHandler for FanoutServer {
                                 r.error_code,
                                 Some(ErrorCode::Unavailable | ErrorCode::NotFound)
                             )
-                            && !shared.lease_valid();
+                            && !shared.owns(shared.slot(&r.workload).as_ref());
                         if not_ours {
                             continue; // not sure we own it: its owner answers
                         }

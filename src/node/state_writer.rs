@@ -85,7 +85,11 @@ struct Writer {
     busy: HashSet<Arc<str>>,
     in_flight: FuturesUnordered<BoxFuture<'static, (Arc<str>, Done)>>,
     flushes: Vec<oneshot::Sender<()>>,
-    /// Consecutive backend failures per key (for the backoff).
+    /// Consecutive backend failures per key (for the backoff). A key here
+    /// had a write whose outcome is unknown (it may have landed): only then
+    /// may a record of our own found after a mismatch be adopted — else it
+    /// is a newer claim of this process (the coordinator re-claimed the
+    /// key), not a write of ours that lost its answer.
     failures: HashMap<Arc<str>, u32>,
 }
 
@@ -224,9 +228,8 @@ impl Writer {
 
     /// Whether a stored record is this process's own.
     fn ours(&self, value: &[u8]) -> bool {
-        serde_json::from_slice::<StateRecord>(value).is_ok_and(|r| {
-            r.owner == *self.node_id && r.incarnation == *self.incarnation
-        })
+        serde_json::from_slice::<StateRecord>(value)
+            .is_ok_and(|r| r.owner == *self.node_id && r.incarnation == *self.incarnation)
     }
 
     fn done(&mut self, id: Arc<str>, done: Done) {
@@ -257,7 +260,7 @@ impl Writer {
             }
             Done::Reread(Err(_), op) => return self.retry_later(id, op),
             Done::Reread(Ok(entry), op) => match (entry, op) {
-                (Some(e), op) if self.ours(&e.value) => {
+                (Some(e), op) if self.failures.contains_key(&id) && self.ours(&e.value) => {
                     // Our own write landed; its answer was lost. Go on from it.
                     self.revisions.insert(id.clone(), e.revision);
                     if let Op::Upsert(slot) = &op {
@@ -266,12 +269,20 @@ impl Writer {
                     self.queues.entry(id.clone()).or_default().push_front(op);
                 }
                 (found, Op::Upsert(slot)) => {
+                    self.failures.remove(&id);
                     self.revisions.remove(&id);
                     if let Some(shared) = &shared {
                         let who = found
                             .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
                             .map_or("deleted".to_string(), |r| {
-                                format!("owned by {} now", if r.owner.is_empty() { "nobody" } else { &r.owner })
+                                format!(
+                                    "owned by {} now",
+                                    if r.owner.is_empty() {
+                                        "nobody"
+                                    } else {
+                                        &r.owner
+                                    }
+                                )
                             });
                         shared.fence(
                             &slot,
@@ -279,8 +290,11 @@ impl Writer {
                         );
                     }
                 }
-                // A removal whose key someone else wrote (or deleted): done.
-                _ => {}
+                // A removal whose key someone else wrote (or deleted), or
+                // that this process claimed anew: not ours to remove. Done.
+                _ => {
+                    self.failures.remove(&id);
+                }
             },
             Done::Retry(op) => {
                 self.queues.entry(id.clone()).or_default().push_front(op);

@@ -192,6 +192,8 @@ pub(crate) struct WorkloadState {
     running: u32,
     /// The device's `stop` is running.
     stop_in_flight: bool,
+    /// Cancels the device's `stop` (a fence during a release).
+    stop_cancel: CancellationToken,
 }
 
 impl WorkloadState {
@@ -526,7 +528,11 @@ impl WorkloadState {
                     c.cancel();
                 }
             }
-            Ending::Fence | Ending::Fail(_) => self.cancel.cancel(),
+            Ending::Fence => {
+                self.cancel.cancel();
+                self.stop_cancel.cancel();
+            }
+            Ending::Fail(_) => self.cancel.cancel(),
         }
         if first {
             let why = match &ending {
@@ -571,11 +577,12 @@ impl WorkloadState {
         let myself = myself.clone();
         let limit = self.shared.cfg.stop_timeout;
         let shared = self.shared.clone();
+        let cancel = self.stop_cancel.clone();
         tokio::spawn(async move {
             // Its own token: `stop` runs after the instance's calls were
-            // cancelled; only the lease or its timeout cut it short.
+            // cancelled; only a fence, the lease or its timeout cut it short.
             let stop = async { device.stop().await.map_err(|e| e.0) };
-            let r = guarded(limit, &shared.lease, &CancellationToken::new(), stop).await;
+            let r = guarded(limit, &shared.lease, &cancel, stop).await;
             let _ = myself.send_message(WorkloadMsg::StopDone(r));
         });
     }
@@ -621,6 +628,7 @@ impl Drop for WorkloadState {
     /// of its instance goes on: each ends at its next poll.
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.stop_cancel.cancel();
     }
 }
 
@@ -657,6 +665,7 @@ impl Actor for WorkloadActor {
             queue: VecDeque::new(),
             running: 0,
             stop_in_flight: false,
+            stop_cancel: CancellationToken::new(),
         })
     }
 

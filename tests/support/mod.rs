@@ -253,6 +253,9 @@ use ottomato::store::StateStore;
 use ottomato::subjects::Subjects;
 use serde_json::Value;
 
+/// Each workload's owners, with when the watcher saw each take it.
+pub type Timeline = Arc<Mutex<HashMap<String, Vec<(Instant, String)>>>>;
+
 /// The operator's view: a plain client, the workloads bucket, and a watcher of
 /// the state bucket that records every owner change.
 pub struct Operator {
@@ -274,7 +277,7 @@ pub struct Operator {
     pub max_load: Arc<Mutex<HashMap<String, usize>>>,
     /// Each workload's owners with the moment the watcher saw each take it
     /// (`""`: released, deleted or ownerless).
-    pub timeline: Arc<Mutex<HashMap<String, Vec<(Instant, String)>>>>,
+    pub timeline: Timeline,
     /// Errors the watcher met, and whether its stream ended: the checks
     /// above mean nothing once it has stopped seeing changes.
     pub watch_errors: Arc<Mutex<Vec<String>>>,
@@ -311,8 +314,7 @@ impl Operator {
         let deletes = Arc::new(Mutex::new(0u64));
         let max_load: Arc<Mutex<HashMap<String, usize>>> = Arc::new(Mutex::new(HashMap::new()));
         let ml = max_load.clone();
-        let timeline: Arc<Mutex<HashMap<String, Vec<(Instant, String)>>>> =
-            Arc::new(Mutex::new(HashMap::new()));
+        let timeline: Timeline = Arc::default();
         let watch_errors = Arc::new(Mutex::new(Vec::new()));
         let (tl, we) = (timeline.clone(), watch_errors.clone());
         let mut watch = state.watch_with_history(">").await.unwrap();
