@@ -273,6 +273,7 @@ impl Cluster {
             incarnation: incarnation.clone(),
             beat: 1,
             heartbeat_ms: cfg.heartbeat.as_millis() as u64,
+            kinds: node.kind_names(),
             left: false,
         };
         // Register before claiming anything: others must see us alive first.
@@ -1281,6 +1282,7 @@ impl Coordinator {
                 self.specs.iter().map(|(id, e)| {
                     (
                         id.as_str(),
+                        e.spec.as_ref().map_or("", |s| s.kind.as_str()),
                         e.spec.as_ref().map_or(&none, |s| &s.placement),
                         claims.get(id).map_or(&[][..], |c| &c.avoid[..]),
                     )
@@ -1437,6 +1439,7 @@ impl Coordinator {
                 && me_info.as_ref().is_some_and(|i| {
                     placement::eligible(
                         i,
+                        entry.spec.as_ref().map_or("", |s| s.kind.as_str()),
                         entry
                             .spec
                             .as_ref()
@@ -1538,16 +1541,16 @@ impl Coordinator {
         }
         let mut avoid = claim.avoid.clone();
         avoid.push(self.me.clone());
-        let spec_placement = self
+        let (kind, spec_placement) = self
             .specs
             .get(id)
             .and_then(|e| e.spec.as_ref().ok())
-            .map(|s| s.placement.clone())
+            .map(|s| (s.kind.clone(), s.placement.clone()))
             .unwrap_or_default();
         let elsewhere = self
             .live
             .values()
-            .any(|n| !avoid.contains(&n.id) && placement::eligible(n, &spec_placement));
+            .any(|n| !avoid.contains(&n.id) && placement::eligible(n, &kind, &spec_placement));
         if !elsewhere {
             return false;
         }

@@ -447,6 +447,19 @@ impl Node {
         &self.shared.node_id
     }
 
+    /// The device kinds this node runs, sorted.
+    pub fn kind_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .shared
+            .kinds
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// This process's incarnation: random, new at every start.
     pub fn incarnation(&self) -> &str {
         &self.shared.incarnation

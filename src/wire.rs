@@ -305,6 +305,9 @@ pub struct NodeInfo {
     /// how long to watch for a live predecessor.
     #[serde(default)]
     pub heartbeat_ms: u64,
+    /// Device kinds this node runs: placement gives it no other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<String>,
     /// Left cleanly, every workload released: gone now, not after the TTL.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub left: bool,
@@ -325,6 +328,7 @@ impl Default for NodeInfo {
             incarnation: String::new(),
             beat: 0,
             heartbeat_ms: 0,
+            kinds: Vec::new(),
             left: false,
         }
     }

@@ -52,8 +52,9 @@ fn score(node: &str, weight: f64, workload: &str) -> f64 {
 }
 
 /// Whether `node` may run a workload with `placement` (ignoring load).
-pub(crate) fn eligible(node: &NodeInfo, placement: &Placement) -> bool {
+pub(crate) fn eligible(node: &NodeInfo, kind: &str, placement: &Placement) -> bool {
     !node.draining
+        && runs(node, kind)
         && placement
             .zone
             .as_ref()
@@ -71,11 +72,18 @@ pub(crate) type Assignment = HashMap<String, Result<String, String>>;
 /// over `nodes`. Avoided nodes are those a device was dead from: skipped
 /// while any other eligible node exists, and nodes in other zones than the
 /// avoided ones are preferred.
+/// Whether `node` can run workloads of `kind` (a node that does not say —
+/// an older version — is taken to run every kind; `""`: an unusable spec,
+/// whose `failed` record any node may write).
+pub(crate) fn runs(node: &NodeInfo, kind: &str) -> bool {
+    kind.is_empty() || node.kinds.is_empty() || node.kinds.iter().any(|k| k == kind)
+}
+
 pub(crate) fn assign<'a>(
     nodes: &BTreeMap<String, NodeInfo>,
-    workloads: impl IntoIterator<Item = (&'a str, &'a Placement, &'a [String])>,
+    workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
 ) -> Assignment {
-    let workloads: Vec<(&str, &Placement, &[String])> = workloads.into_iter().collect();
+    let workloads: Vec<(&str, &str, &Placement, &[String])> = workloads.into_iter().collect();
     let usable: Vec<(&str, &NodeInfo)> = nodes
         .iter()
         .filter(|(_, n)| !n.draining)
@@ -95,12 +103,12 @@ pub(crate) fn assign<'a>(
     let mut load: HashMap<&str, u64> = HashMap::default();
 
     // Candidates per workload, most constrained first, then by hash.
-    let mut order: Vec<(usize, u64, &str, &Placement, Vec<&str>)> = workloads
+    let mut order: Vec<(usize, u64, &str, &str, &Placement, Vec<&str>)> = workloads
         .iter()
-        .map(|(id, p, avoid)| {
+        .map(|(id, kind, p, avoid)| {
             let mut cands: Vec<&str> = usable
                 .iter()
-                .filter(|(_, n)| eligible(n, p))
+                .filter(|(_, n)| eligible(n, kind, p))
                 .map(|(nid, _)| *nid)
                 .collect();
             if !avoid.is_empty() {
@@ -141,15 +149,15 @@ pub(crate) fn assign<'a>(
                     cands = preferred;
                 }
             }
-            (cands.len(), stable_hash("", id), *id, *p, cands)
+            (cands.len(), stable_hash("", id), *id, *kind, *p, cands)
         })
         .collect();
     order.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
 
     let mut out = Assignment::with_capacity_and_hasher(order.len(), Default::default());
-    for (_, _, id, placement, mut cands) in order {
+    for (_, _, id, kind, placement, mut cands) in order {
         if cands.is_empty() {
-            out.insert(id.to_string(), Err(why_unplaceable(nodes, placement)));
+            out.insert(id.to_string(), Err(why_unplaceable(nodes, kind, placement)));
             continue;
         }
         cands.sort_unstable_by(|a, b| {
@@ -194,9 +202,12 @@ pub(crate) fn assign<'a>(
     out
 }
 
-fn why_unplaceable(nodes: &BTreeMap<String, NodeInfo>, p: &Placement) -> String {
+fn why_unplaceable(nodes: &BTreeMap<String, NodeInfo>, kind: &str, p: &Placement) -> String {
     if nodes.values().all(|n| n.draining) {
         return "no live node".into();
+    }
+    if !nodes.values().any(|n| !n.draining && runs(n, kind)) {
+        return format!("no live node runs kind {kind:?}");
     }
     let mut parts = vec![];
     if let Some(z) = &p.zone {
@@ -239,7 +250,7 @@ mod tests {
     }
 
     fn run(nodes: &BTreeMap<String, NodeInfo>, ids: &[String], p: &Placement) -> Assignment {
-        assign(nodes, ids.iter().map(|i| (i.as_str(), p, &[][..])))
+        assign(nodes, ids.iter().map(|i| (i.as_str(), "sim", p, &[][..])))
     }
 
     #[test]
@@ -259,12 +270,12 @@ mod tests {
                 .map(|i| format!("w{i}"))
                 .collect::<Vec<_>>()
                 .iter()
-                .map(|i| (i.as_str(), &p, &avoid[..])),
+                .map(|i| (i.as_str(), "sim", &p, &avoid[..])),
         );
         assert!(a.values().all(|r| r.as_deref() == Ok("b1")), "{a:?}");
         // Avoiding everyone falls back to running it somewhere.
         let all = ["a1".to_string(), "a2".to_string(), "b1".to_string()];
-        let a = assign(&nodes, [("x", &p, &all[..])]);
+        let a = assign(&nodes, [("x", "sim", &p, &all[..])]);
         assert!(a["x"].is_ok());
     }
 
@@ -299,15 +310,45 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_goes_only_to_nodes_that_run_it() {
+        let (a, mut b) = (node("a", None, None), node("b", None, None));
+        b.1.kinds = vec!["snmp".into()];
+        let mut c = node("c", None, None);
+        c.1.kinds = vec!["sim".into()];
+        let nodes: BTreeMap<String, NodeInfo> = [a, b, c].into();
+        let none = Placement::default();
+        let ids = ids(40);
+        let got = assign(
+            &nodes,
+            ids.iter().map(|i| (i.as_str(), "modbus", &none, &[][..])),
+        );
+        // "a" says nothing (older version): it may take any kind.
+        assert!(got.values().all(|o| o.as_deref() == Ok("a")), "{got:?}");
+        let only: BTreeMap<String, NodeInfo> =
+            nodes.into_iter().filter(|(id, _)| id != "a").collect();
+        let got = assign(&only, [("x", "modbus", &none, &[][..])]);
+        assert_eq!(
+            got["x"],
+            Err("no live node runs kind \"modbus\"".to_string())
+        );
+    }
+
+    #[test]
     fn a_node_with_capacity_zero_gets_nothing() {
         let nodes: BTreeMap<String, NodeInfo> =
             [node("a", None, Some(0)), node("b", None, None)].into();
         let ids = ids(50);
         let none = Placement::default();
-        let a = assign(&nodes, ids.iter().map(|i| (i.as_str(), &none, &[][..])));
+        let a = assign(
+            &nodes,
+            ids.iter().map(|i| (i.as_str(), "sim", &none, &[][..])),
+        );
         assert!(a.values().all(|o| o.as_deref() == Ok("b")), "{a:?}");
         let only: BTreeMap<String, NodeInfo> = [node("a", None, Some(0))].into();
-        let a = assign(&only, ids.iter().map(|i| (i.as_str(), &none, &[][..])));
+        let a = assign(
+            &only,
+            ids.iter().map(|i| (i.as_str(), "sim", &none, &[][..])),
+        );
         assert!(a
             .values()
             .all(|o| o.as_ref().is_err_and(|e| e.contains("capacity"))));
