@@ -42,7 +42,7 @@ pub(crate) enum Observed {
     /// A heartbeat of ours or of a peer.
     Heartbeat,
     /// Another process wrote our node id's entry.
-    Intruder(NodeInfo),
+    Intruder(Box<NodeInfo>),
 }
 
 pub(crate) struct Members {
@@ -112,7 +112,7 @@ impl Members {
     pub(crate) fn observe(&mut self, info: NodeInfo, now: Instant) -> Observed {
         if info.id == self.me {
             if info.incarnation != self.incarnation {
-                return Observed::Intruder(info);
+                return Observed::Intruder(Box::new(info));
             }
             let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(at) = sent.get(&info.beat).copied() {
