@@ -79,6 +79,10 @@ pub(crate) fn runs(node: &NodeInfo, kind: &str) -> bool {
     kind.is_empty() || node.kinds.is_empty() || node.kinds.iter().any(|k| k == kind)
 }
 
+/// A workload waiting for placement: how many candidates, its hash, id,
+/// kind, placement and the candidate nodes.
+type Candidates<'a> = (usize, u64, &'a str, &'a str, &'a Placement, Vec<&'a str>);
+
 pub(crate) fn assign<'a>(
     nodes: &BTreeMap<String, NodeInfo>,
     workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
@@ -103,7 +107,7 @@ pub(crate) fn assign<'a>(
     let mut load: HashMap<&str, u64> = HashMap::default();
 
     // Candidates per workload, most constrained first, then by hash.
-    let mut order: Vec<(usize, u64, &str, &str, &Placement, Vec<&str>)> = workloads
+    let mut order: Vec<Candidates> = workloads
         .iter()
         .map(|(id, kind, p, avoid)| {
             let mut cands: Vec<&str> = usable
