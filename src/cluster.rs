@@ -322,6 +322,8 @@ impl Cluster {
             fatal: fatal.clone(),
             store: store.clone(),
             info: shared_info.clone(),
+            holders: Holders::new(node.id(), node.incarnation()),
+            kick: kick.clone(),
             node: node.clone(),
             cfg,
             subjects,
@@ -831,8 +833,9 @@ struct SpecEntry {
 
 struct Claim {
     owner: String,
-    /// The owner's process (its membership `incarnation`).
-    incarnation: String,
+    /// The owner and its process (its membership `incarnation`) as a small number (see `Holders`): what the
+    /// per-spec checks of a reconcile compare, instead of strings.
+    holder: u32,
     revision: u64,
     /// Nodes the device was dead from, and how often it was handed on.
     avoid: Vec<String>,
@@ -868,6 +871,9 @@ struct Coordinator {
     fatal: Fatal,
     store: Arc<dyn StateStore>,
     info: Arc<std::sync::Mutex<NodeInfo>>,
+    holders: Holders,
+    /// Asks the heartbeat task for a beat now.
+    kick: Arc<tokio::sync::Notify>,
     node: Node,
     cfg: ClusterConfig,
     subjects: Subjects,
@@ -907,6 +913,57 @@ struct Coordinator {
     failed_rev: HashMap<String, u64>,
     results_tx: mpsc::UnboundedSender<ClaimResult>,
     events_out: EventsOut,
+}
+
+/// The (owner, incarnation) pairs seen in claims, numbered, and per
+/// reconcile which of them may still hold their claims.
+#[derive(Default)]
+struct Holders {
+    /// owner → its incarnations seen, with their numbers (no allocation to look up).
+    ids: HashMap<String, Vec<(String, u32)>>,
+    pairs: Vec<(String, String)>,
+    /// `live[h]`: holder `h` is not known dead (as of the last reconcile).
+    live: Vec<bool>,
+    /// Our own holder number, once known.
+    me: Option<u32>,
+}
+
+impl Holders {
+    fn new(me: &str, incarnation: &str) -> Holders {
+        let mut h = Holders::default();
+        h.me = Some(h.id(me, incarnation));
+        h
+    }
+
+    fn id(&mut self, owner: &str, incarnation: &str) -> u32 {
+        if let Some(h) = self
+            .ids
+            .get(owner)
+            .and_then(|v| v.iter().find(|(i, _)| i == incarnation))
+        {
+            return h.1;
+        }
+        let h = self.pairs.len() as u32;
+        self.pairs
+            .push((owner.to_string(), incarnation.to_string()));
+        self.ids
+            .entry(owner.to_string())
+            .or_default()
+            .push((incarnation.to_string(), h));
+        h
+    }
+
+    fn refresh(&mut self, members: &Members) {
+        self.live = self
+            .pairs
+            .iter()
+            .map(|(o, i)| members.holds(o, i))
+            .collect();
+    }
+
+    fn live(&self, h: u32) -> bool {
+        self.live.get(h as usize).copied().unwrap_or(true)
+    }
 }
 
 /// Events on their way to the transport, published by a task of their own:
@@ -958,8 +1015,15 @@ impl Coordinator {
         let mut safety = tokio::time::interval(Duration::from_secs(1));
         let mut dirty = false;
         let mut last = Instant::now() - self.cfg.reconcile_min_interval;
+        let mut probed: Option<Instant> = None;
         loop {
             let due = last + self.cfg.reconcile_min_interval;
+            // When a silent peer's TTL is up, a heartbeat sent right then
+            // proves it gone as soon as it comes back (once per deadline).
+            let probe = self
+                .members
+                .next_deadline()
+                .filter(|d| probed.is_none_or(|p| *d > p));
             tokio::select! {
                 _ = stop.changed() => return,
                 Some(input) = inputs.next() => {
@@ -1008,6 +1072,11 @@ impl Coordinator {
                         inputs = self.watches();
                     }
                 }
+                _ = tokio::time::sleep_until(probe.unwrap_or_else(Instant::now)), if probe.is_some() => {
+                    probed = probe;
+                    self.kick.notify_one();
+                    dirty = true;
+                }
                 // Only when a reconcile can run: while a watch replays, this
                 // would fire at once, again and again (a busy loop).
                 _ = tokio::time::sleep_until(due), if dirty && self.synced.iter().all(|s| *s) => {}
@@ -1050,7 +1119,7 @@ impl Coordinator {
 
     /// Whether a claim is this process's.
     fn mine(&self, c: &Claim) -> bool {
-        c.owner == self.me && c.incarnation == self.incarnation
+        Some(c.holder) == self.holders.me
     }
 
     fn apply(&mut self, input: Input) {
@@ -1219,11 +1288,12 @@ impl Coordinator {
                     );
                     self.running_rev.remove(&e.key);
                 }
+                let holder = self.holders.id(&owner, &incarnation);
                 self.claims.insert(
                     e.key,
                     Claim {
                         owner,
-                        incarnation,
+                        holder,
                         revision: e.revision,
                         avoid,
                         moves,
@@ -1274,6 +1344,7 @@ impl Coordinator {
             self.view_gen += 1;
         }
         self.live = live;
+        self.holders.refresh(&self.members);
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
             let claims = &self.claims;
@@ -1402,7 +1473,7 @@ impl Coordinator {
             if self
                 .claims
                 .get(id)
-                .is_some_and(|c| !self.mine(c) && self.members.holds(&c.owner, &c.incarnation))
+                .is_some_and(|c| !self.mine(c) && self.holders.live(c.holder))
             {
                 self.unclaimed_since.remove(id);
                 continue;
@@ -1417,8 +1488,7 @@ impl Coordinator {
             let claim = self.claims.get(id);
             // Nobody holds it: no claim, an ownerless record, or an owner
             // process known dead. (Not: an owner we cannot yet tell is dead.)
-            let orphan = claim
-                .is_none_or(|c| c.owner.is_empty() || self.members.dead(&c.owner, &c.incarnation));
+            let orphan = claim.is_none_or(|c| c.owner.is_empty() || !self.holders.live(c.holder));
             let orphan_for = if orphan {
                 // (no key clone unless it is new: this runs for every spec)
                 match self.unclaimed_since.get(id) {
@@ -1692,7 +1762,7 @@ impl Coordinator {
                 r.id,
                 Claim {
                     owner: String::new(),
-                    incarnation: String::new(),
+                    holder: self.holders.id("", ""),
                     revision,
                     avoid: r.avoid,
                     moves: r.moves,
@@ -1704,7 +1774,7 @@ impl Coordinator {
             r.id.clone(),
             Claim {
                 owner: self.me.clone(),
-                incarnation: self.incarnation.clone(),
+                holder: self.holders.me.unwrap_or_default(),
                 revision,
                 avoid: r.avoid.clone(),
                 moves: r.moves,

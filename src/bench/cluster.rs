@@ -365,13 +365,23 @@ impl Watcher {
     }
 
     async fn wait_nodes(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_nodes_since(n, std::time::SystemTime::UNIX_EPOCH)
+            .await
+    }
+
+    async fn wait_nodes_since(&self, n: usize, since: std::time::SystemTime) -> anyhow::Result<()> {
         // Joined, and past the join settle time (1.5 s) in which a new node
-        // learns the others before it claims: a long-running cluster.
+        // learns the others before it claims: a long-running cluster. Only
+        // entries of processes started since this watcher connected count:
+        // an earlier round's nodes (same ids, killed) leave entries behind
+        // until their TTL, and a new process under the id registers only
+        // once it has made sure the old one is gone.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let nodes = self.client.nodes().await?;
             let settled = |i: &ottomato::wire::NodeInfo| {
-                i.started.elapsed().unwrap_or_default() >= Duration::from_secs(2)
+                i.started >= since
+                    && i.started.elapsed().unwrap_or_default() >= Duration::from_secs(2)
             };
             if nodes.len() >= n && nodes.iter().all(settled) {
                 return Ok(());
@@ -707,9 +717,10 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
             for b in ["otto_workloads", "otto_state"] {
                 let _ = js.delete_key_value(b).await;
             }
+            let started = std::time::SystemTime::now();
             let nodes = nats.nodes(3, &[])?;
             let w = Watcher::connect(&nats.url).await?;
-            w.wait_nodes(3).await?;
+            w.wait_nodes_since(3, started).await?;
             let cpu0: Vec<f64> = nodes.iter().map(|p| cpu_of(p.pid())).collect();
             let server0 = cpu_of(nats.child.id());
             let t0 = Instant::now();
@@ -814,7 +825,7 @@ async fn failover(n: usize) -> anyhow::Result<Vec<Row>> {
         },
         Row {
             scenario: "failover: devices driven by two nodes".into(),
-            params: "every init/ping/task/stop traced with its pid".into(),
+            params: "start and end of every init/ping/task/stop, per instance".into(),
             ours: doubles.len().to_string(),
             baseline: "0".into(),
             ratio: "—".into(),

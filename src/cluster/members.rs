@@ -164,6 +164,24 @@ impl Members {
         self.current_as_of.is_some_and(|c| c >= since + self.ttl)
     }
 
+    /// The next moment a peer still counted alive would be dead if it
+    /// stays silent: a heartbeat of ours sent then, once it comes back,
+    /// proves it gone — failover need not wait for our next regular beat.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.peers
+            .iter()
+            .filter(|(id, p)| !p.info.left && !self.dead(id, &p.info.incarnation))
+            .map(|(_, p)| p.seen.max(self.watch_since) + self.ttl)
+            .chain(
+                self.retired
+                    .iter()
+                    .chain(self.claimants.iter())
+                    .map(|(_, seen)| (*seen).max(self.watch_since) + self.ttl)
+                    .filter(|d| self.current_as_of.is_none_or(|c| c < *d)),
+            )
+            .min()
+    }
+
     /// Whether a claim by `owner`/`incarnation` is (possibly) held by a live
     /// process: not known dead.
     pub(crate) fn holds(&self, owner: &str, incarnation: &str) -> bool {
