@@ -15,6 +15,8 @@
 //! - store calls fail with a backend error — some **after** the write was
 //!   applied (the answer lost);
 //! - watches end (a gap) and are resumed by the node with a full replay;
+//! - a watcher held up resumes from where it was, without a replay, and
+//!   never sees the membership changes that expired meanwhile;
 //! - the membership bucket's entries expire early: the server's clock runs
 //!   fast against the nodes' (expiry markers come too soon; liveness must
 //!   not depend on them);
@@ -158,12 +160,33 @@ impl KvBucket for GatedBucket {
         let gate = self.gate.clone();
         let dice = self.dice.clone();
         let s = self.inner.watch().await?;
-        Ok(s.then(move |c| {
+        // A watcher held up (partitioned) resumes from where it was, but
+        // what expired meanwhile is gone: it never sees those changes, and
+        // gets no restart or replay (async-nats re-creates an ordered
+        // consumer by itself). Membership entries expire; the rest do not.
+        let max_age = self.inner.settings().and_then(|b| b.max_age);
+        // Taken off the store as written (stamped then), delivered through the gate.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut inner = s;
+        tokio::spawn(async move {
+            while let Some(c) = inner.next().await {
+                if tx.send((Instant::now(), c)).is_err() {
+                    return;
+                }
+            }
+        });
+        let s = tokio_stream_from(rx);
+        Ok(s.then(move |(written, c)| {
             let gate = gate.clone();
             async move {
                 gate.pass().await;
-                c
+                (written, c)
             }
+        })
+        .filter_map(move |(written, c)| {
+            let expired = !matches!(c, KvChange::Synced)
+                && max_age.is_some_and(|age| written.elapsed() > age);
+            futures::future::ready((!expired).then_some(c))
         })
         // A gap: the watch ends here; the node must resume it.
         .take_while(move |_| futures::future::ready(!roll(&dice, WATCH_GAP)))
@@ -172,6 +195,12 @@ impl KvBucket for GatedBucket {
     fn settings(&self) -> Option<BucketSpec> {
         self.inner.settings()
     }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> BoxStream<'static, T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
 /// A server whose clock runs fast: membership entries expire after half
