@@ -78,10 +78,15 @@ impl Client {
             .bucket(&subjects.workloads_bucket_spec(1))
             .await
             .map_err(backend)?;
-        let nodes = store
-            .bucket(&subjects.nodes_bucket_spec(cfg.node_ttl, 1))
-            .await
-            .map_err(backend)?;
+        // The membership bucket is the nodes' to create (its TTL is theirs):
+        // before any node ran, there are simply no nodes to list.
+        let nodes = match store.open_existing(&subjects.nodes_bucket()).await {
+            Some(b) => b,
+            None => crate::store::MemoryStore::new()
+                .bucket(&subjects.nodes_bucket_spec(cfg.node_ttl, 1))
+                .await
+                .map_err(backend)?,
+        };
         let state = store
             .bucket(&subjects.state_bucket_spec())
             .await

@@ -278,7 +278,19 @@ impl Cluster {
         };
         // Register before claiming anything: others must see us alive first.
         // Never next to another live process under our id.
-        let (revision, sent, predecessor) = match register(&*nodes, &info, &cfg).await {
+        // A NATS cluster still electing the new bucket's leader answers
+        // "no responders" for a while: retry backend errors for up to 30 s.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let registered = loop {
+            match register(&*nodes, &info, &cfg).await {
+                Err(NodeError::Backend(e)) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "membership not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        };
+        let (revision, sent, predecessor) = match registered {
             Ok(r) => r,
             Err(e) => {
                 node.stop().await;
@@ -548,12 +560,14 @@ fn check_settings(
     }
     for b in std::iter::once(nodes).chain(others.iter().copied()) {
         if let Some(s) = b.settings() {
-            if s.replicas != cfg.replicas.max(1) {
+            // More copies than asked for is fine (nothing is ever lowered);
+            // fewer — and they could not be raised — is not.
+            if s.replicas < cfg.replicas.max(1) {
                 return Err(NodeError::IncompatibleCluster(format!(
-                    "bucket {} keeps {} replica(s), but this node was started with --replicas {}: \
-                     start it with --replicas {} (changing a running cluster's replica count is \
-                     an operator's job: nats stream edit KV_{} --replicas N)",
-                    s.name, s.replicas, cfg.replicas, s.replicas, s.name
+                    "bucket {} keeps {} replica(s) and they could not be raised to the {} this \
+                     node was started with: start it with --replicas {}, or give the NATS \
+                     cluster enough servers for {} (nats stream edit KV_{} --replicas N)",
+                    s.name, s.replicas, cfg.replicas, s.replicas, cfg.replicas, s.name
                 )));
             }
         }
@@ -603,7 +617,10 @@ async fn register(
     let parse = |e: &crate::store::KvEntry| serde_json::from_slice::<NodeInfo>(&e.value).ok();
     let existing = nodes.get(&info.id).await.map_err(backend)?;
     let mut predecessor = None;
-    if let Some(entry) = &existing {
+    if let Some(entry) = existing.as_ref().filter(|e| {
+        // Our own write of an earlier attempt (its answer was lost).
+        parse(e).is_none_or(|o| o.incarnation != info.incarnation)
+    }) {
         let other = parse(entry).unwrap_or_default();
         predecessor = Some((other.incarnation.clone(), Instant::now()));
         if !other.left {

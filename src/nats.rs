@@ -220,6 +220,9 @@ impl StateStore for NatsStore {
     /// ([`KvBucket::settings`]) and check that they can honour it.
     async fn bucket(&self, spec: &BucketSpec) -> Result<Arc<dyn KvBucket>, StoreError> {
         if let Ok(store) = self.js.get_key_value(&spec.name).await {
+            if !self.open_first {
+                self.raise_replicas(&store, spec.replicas).await;
+            }
             return open(self.js.client(), store).await;
         }
         let config = kv::Config {
@@ -245,6 +248,36 @@ impl StateStore for NatsStore {
                 Ok(store) => open(self.js.client(), store).await,
                 Err(_) => Err(backend(format!("creating bucket {}: {e}", spec.name))),
             },
+        }
+    }
+}
+
+impl NatsStore {
+    /// The bucket if it exists (never creates it).
+    pub async fn open_existing(&self, name: &str) -> Option<Arc<dyn KvBucket>> {
+        let store = self.js.get_key_value(name).await.ok()?;
+        open(self.js.client(), store).await.ok()
+    }
+
+    /// A node asked for more copies than the bucket keeps (an operator tool
+    /// created it first, with one): raise them. Never lowers them. On
+    /// failure the bucket stays as it is and the node's settings check
+    /// says why it cannot start.
+    async fn raise_replicas(&self, store: &kv::Store, replicas: usize) {
+        let mut stream = store.stream.clone();
+        let Ok(info) = stream.info().await else {
+            return;
+        };
+        if info.config.num_replicas >= replicas {
+            return;
+        }
+        let mut config = info.config.clone();
+        config.num_replicas = replicas;
+        match self.js.update_stream(&config).await {
+            Ok(_) => tracing::info!(bucket = %store.name, replicas, "raised the bucket's replicas"),
+            Err(e) => {
+                tracing::warn!(bucket = %store.name, replicas, error = %e, "could not raise the bucket's replicas")
+            }
         }
     }
 }
