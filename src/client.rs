@@ -50,7 +50,10 @@ pub struct Client {
     subjects: Subjects,
     transport: Arc<NatsTransport>,
     workloads: Arc<dyn KvBucket>,
-    nodes: Arc<dyn KvBucket>,
+    /// The membership bucket, once a node has created it (operator tools
+    /// never do: its TTL is the nodes').
+    nodes: tokio::sync::OnceCell<Arc<dyn KvBucket>>,
+    store: NatsStore,
     state: Arc<dyn KvBucket>,
 }
 
@@ -73,20 +76,16 @@ impl Client {
             .map_err(ClientError::Backend)?;
         let subjects = Subjects::new(prefix);
         let store = NatsStore::for_operators(nc.clone());
-        let cfg = crate::ClusterConfig::default();
         let workloads = store
             .bucket(&subjects.workloads_bucket_spec(1))
             .await
             .map_err(backend)?;
         // The membership bucket is the nodes' to create (its TTL is theirs):
-        // before any node ran, there are simply no nodes to list.
-        let nodes = match store.open_existing(&subjects.nodes_bucket()).await {
-            Some(b) => b,
-            None => crate::store::MemoryStore::new()
-                .bucket(&subjects.nodes_bucket_spec(cfg.node_ttl, 1))
-                .await
-                .map_err(backend)?,
-        };
+        // opened when a node has (see `nodes`).
+        let nodes = tokio::sync::OnceCell::new();
+        if let Some(b) = store.open_existing(&subjects.nodes_bucket()).await {
+            let _ = nodes.set(b);
+        }
         let state = store
             .bucket(&subjects.state_bucket_spec())
             .await
@@ -96,6 +95,7 @@ impl Client {
             transport: Arc::new(NatsTransport::new(nc)),
             workloads,
             nodes,
+            store,
             state,
         })
     }
@@ -168,10 +168,22 @@ impl Client {
 
     /// Live nodes, sorted by id.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
-        let mut v: Vec<NodeInfo> = Self::snapshot(&self.nodes)
+        let bucket = match self.nodes.get() {
+            Some(b) => b,
+            None => match self
+                .store
+                .open_existing(&self.subjects.nodes_bucket())
+                .await
+            {
+                Some(b) => self.nodes.get_or_init(|| async { b }).await,
+                None => return Ok(Vec::new()), // no node has run yet
+            },
+        };
+        let mut v: Vec<NodeInfo> = Self::snapshot(bucket)
             .await?
             .values()
-            .filter_map(|b| serde_json::from_slice(b).ok())
+            .filter_map(|b| serde_json::from_slice::<NodeInfo>(b).ok())
+            .filter(|n| !n.left)
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(v)
