@@ -770,16 +770,7 @@ async fn heartbeat_loop(
                             revision = e.revision;
                             shared_revision.store(revision, std::sync::atomic::Ordering::Release);
                         } else {
-                            fatal.raise(
-                                &node,
-                                format!(
-                                    "another process (incarnation {}, started {}) wrote this node's \
-                                     membership entry: two processes run with node id {:?}",
-                                    other.incarnation,
-                                    humantime::format_rfc3339_seconds(other.started),
-                                    node.id()
-                                ),
-                            );
+                            fatal.raise(&node, intruder(&other, node.id()));
                             return;
                         }
                     }
@@ -790,6 +781,16 @@ async fn heartbeat_loop(
             Err(_) => tracing::warn!("heartbeat timed out"),
         }
     }
+}
+
+/// Why a node gives up when another process wrote its membership entry.
+fn intruder(other: &NodeInfo, id: &str) -> String {
+    format!(
+        "another process (incarnation {}, started {}) wrote this node's membership entry: \
+         two processes run with node id {id:?}",
+        other.incarnation,
+        humantime::format_rfc3339_seconds(other.started),
+    )
 }
 
 fn fence_all(node: &Node) {
@@ -1249,16 +1250,7 @@ impl Coordinator {
                     return; // not a membership record
                 }
                 if let Observed::Intruder(other) = self.members.observe(info, Instant::now()) {
-                    self.fatal.raise(
-                        &self.node,
-                        format!(
-                            "another process (incarnation {}, started {}) wrote this node's \
-                             membership entry: two processes run with node id {:?}",
-                            other.incarnation,
-                            humantime::format_rfc3339_seconds(other.started),
-                            self.me
-                        ),
-                    );
+                    self.fatal.raise(&self.node, intruder(&other, &self.me));
                 }
             }
             Input::Node(Some(KvChange::Delete { key, .. })) => {

@@ -240,7 +240,6 @@ impl StateStore for NatsStore {
             limit_markers: spec.max_age.map(|ttl| ttl.max(Duration::from_secs(1))),
             ..Default::default()
         };
-        let _ = self.open_first; // operators and nodes open alike now
         match self.js.create_key_value(config).await {
             Ok(store) => open(self.js.client(), store).await,
             // Created by another node meanwhile: open that one.

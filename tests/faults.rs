@@ -27,12 +27,7 @@ async fn kill_9_of_one_of_three_nodes_fails_over_within_ttl_plus_2s() {
     let server = NatsServer::start();
     let op = Operator::connect(&server.url, 1).await;
     let mut fleet = traced_fleet(&op, &server.url, "k", 300, &[], 90).await;
-    let owners = &fleet.owners;
-    let victims: Vec<String> = owners
-        .iter()
-        .filter(|(_, o)| *o == "b")
-        .map(|(i, _)| i.clone())
-        .collect();
+    let victims = fleet.owned_by("b");
     assert!(victims.len() > 50, "b owns only {}", victims.len());
 
     op.gone.lock().unwrap().insert("b".into());
@@ -58,15 +53,11 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     let server = NatsServer::start();
     let op = Operator::connect(&server.url, 1).await;
     let fleet = traced_fleet(&op, &server.url, "p", 150, &[], 90).await;
-    let (ids, owners) = (&fleet.ids, &fleet.owners);
+    let ids = &fleet.ids;
     let [a, b, c] = &fleet.nodes[..] else {
         unreachable!("three nodes")
     };
-    let frozen: Vec<String> = owners
-        .iter()
-        .filter(|(_, o)| *o == "b")
-        .map(|(i, _)| i.clone())
-        .collect();
+    let frozen = fleet.owned_by("b");
     assert!(!frozen.is_empty());
 
     op.gone.lock().unwrap().insert("b".into());

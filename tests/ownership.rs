@@ -109,12 +109,7 @@ async fn a_long_task_in_flight_while_its_node_drains_never_overlaps() {
     let server = NatsServer::start();
     let op = Operator::connect(&server.url, 1).await;
     let mut fleet = traced_fleet(&op, &server.url, "d", 30, &[], 60).await;
-    let on_a: Vec<String> = fleet
-        .owners
-        .iter()
-        .filter(|(_, o)| *o == "a")
-        .map(|(i, _)| i.clone())
-        .collect();
+    let on_a: Vec<String> = fleet.owned_by("a");
     assert!(!on_a.is_empty());
     let handles = start_long_tasks(&op, &on_a, &fleet.trace).await;
     signal(fleet.nodes[0].pid(), "TERM");
@@ -196,12 +191,7 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     let op = Operator::connect(&server.url, 1).await;
     let fleet = traced_fleet(&op, &server.url, "q", 30, &[], 60).await;
     let b = &fleet.nodes[1];
-    let on_b: Vec<String> = fleet
-        .owners
-        .iter()
-        .filter(|(_, o)| *o == "b")
-        .map(|(i, _)| i.clone())
-        .collect();
+    let on_b: Vec<String> = fleet.owned_by("b");
     assert!(!on_b.is_empty());
 
     // Continuous requests to b's workloads from before the freeze to well

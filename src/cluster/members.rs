@@ -92,6 +92,7 @@ impl Members {
     /// nothing of yet counts as seen now.
     pub(crate) fn note_claimant(&mut self, owner: &str, incarnation: &str, now: Instant) {
         if owner.is_empty()
+            || owner == self.me // our own claims: nothing to learn (and no allocation per claim)
             || self.retired.contains_key(incarnation)
             || self
                 .peers

@@ -136,6 +136,15 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// The workloads `node` owned when the fleet settled.
+    pub fn owned_by(&self, node: &str) -> Vec<String> {
+        self.owners
+            .iter()
+            .filter(|(_, o)| *o == node)
+            .map(|(i, _)| i.clone())
+            .collect()
+    }
+
     /// kill -9 of node `i`, noting when its calls in flight ended.
     pub fn kill(&mut self, i: usize) {
         let pid = self.nodes[i].pid();
