@@ -13,9 +13,12 @@
 //!   with the in-memory embedded defaults.
 #![warn(missing_docs, unreachable_pub)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+#[cfg(feature = "cli")]
 pub mod demo;
 pub mod error;
 pub mod events;

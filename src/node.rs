@@ -788,6 +788,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Registers every kind of `kinds` (e.g. [`Kinds::builtin`] plus your own).
+    pub fn kinds(mut self, kinds: Kinds) -> Self {
+        self.kinds.extend(kinds);
+        self
+    }
+
     /// Bounds of the random interval between pings.
     pub fn ping_splay(mut self, min: Duration, max: Duration) -> Self {
         self.cfg.ping_splay_min = min;

@@ -35,6 +35,16 @@ pub enum ErrorCode {
     MalformedRequest,
     /// The request is larger than the node accepts.
     PayloadTooLarge,
+    /// A network call to the device got no answer within its timeout.
+    Timeout,
+    /// The device cannot be reached (refused, reset, no route).
+    Unreachable,
+    /// The device refused the credentials, or its host key or certificate
+    /// is not the pinned one.
+    AuthFailed,
+    /// The device answered with a protocol error; the message starts with
+    /// the protocol's own code (`exception 2: …`, `noSuchName: …`, `404: …`).
+    DeviceError,
 }
 
 impl ErrorCode {
@@ -51,6 +61,10 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::MalformedRequest => "malformed_request",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unreachable => "unreachable",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::DeviceError => "device_error",
         }
     }
 }

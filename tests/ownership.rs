@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use support::fleet::{
-    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet,
+    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet, traced_fleet_with,
 };
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
 
@@ -189,7 +189,11 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     support::init_logs();
     let server = NatsServer::start();
     let op = Operator::connect(&server.url, 1).await;
-    let fleet = traced_fleet(&op, &server.url, "q", 30, &[], 60).await;
+    // Devices whose `stop` takes 2 s: a fenced node that still ran `stop`
+    // (instead of abandoning the instance) would sit in `stopping`, still
+    // subscribed, answering `unavailable` for workloads others now own.
+    let fleet =
+        traced_fleet_with(&op, &server.url, "q", 30, &[], 60, json!({"stop_ms": 2000})).await;
     let b = &fleet.nodes[1];
     let on_b: Vec<String> = fleet.owned_by("b");
     assert!(!on_b.is_empty());

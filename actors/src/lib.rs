@@ -9,7 +9,32 @@
 //! node builder. [`sim::SimKind`] is the complete worked example.
 #![warn(missing_docs, unreachable_pub)]
 
+mod common;
+pub mod credentials;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "modbus")]
+pub mod modbus;
 pub mod sim;
+pub mod tcp;
 mod workload;
 
+use std::sync::Arc;
+
+pub use credentials::{Credential, Credentials};
 pub use workload::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+
+/// Every kind this crate was compiled with (`sim`, `tcp`, and `http` and
+/// `modbus` with their features), resolving named credentials from
+/// `credentials`.
+pub fn builtin(credentials: &Credentials) -> Vec<Arc<dyn Kind>> {
+    let _ = credentials; // unused when no kind that needs secrets is compiled in
+    vec![
+        Arc::new(sim::SimKind),
+        Arc::new(tcp::TcpKind),
+        #[cfg(feature = "http")]
+        Arc::new(http::HttpKind::new(credentials.clone())),
+        #[cfg(feature = "modbus")]
+        Arc::new(modbus::ModbusKind),
+    ]
+}

@@ -42,8 +42,10 @@ impl Task {
 }
 
 /// Why a task did not produce a return value. The engine turns each variant
-/// into a wire error code (`unknown_command`, `invalid_args`, `task_failed`).
+/// into a wire error code (`unknown_command`, `invalid_args`, `task_failed`,
+/// `timeout`, `unreachable`, `auth_failed`, `device_error`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TaskError {
     /// The kind does not know this command.
     #[error("unknown command {0:?}")]
@@ -54,6 +56,35 @@ pub enum TaskError {
     /// The device was asked and the command failed.
     #[error("{0}")]
     Failed(String),
+    /// A network call to the device got no answer within its timeout.
+    #[error("{0}")]
+    Timeout(String),
+    /// The device cannot be reached (connection refused, reset, no route).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The device refused the credentials, or its identity (host key,
+    /// certificate) is not the pinned one.
+    #[error("{0}")]
+    AuthFailed(String),
+    /// The device answered with a protocol error: `code` is the protocol's
+    /// own (a Modbus exception, an SNMP error-status, an HTTP status).
+    #[error("{code}: {message}")]
+    Device {
+        /// The protocol's error code, as the protocol names it.
+        code: String,
+        /// What it means.
+        message: String,
+    },
+}
+
+impl TaskError {
+    /// A device's protocol error.
+    pub fn device(code: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
+        TaskError::Device {
+            code: code.to_string(),
+            message: message.to_string(),
+        }
+    }
 }
 
 /// A failure of `init`, `ping` or `stop`: a message for operators.
@@ -109,6 +140,13 @@ pub trait Workload: Send + Sync + 'static {
 pub trait Kind: Send + Sync + 'static {
     /// The kind's name, as written in specs (`"sim"`).
     fn name(&self) -> &str;
+    /// Checks `config` without building anything (and without secrets): run
+    /// when specs are imported, so a bad field is refused before it reaches
+    /// the bucket. The default accepts anything.
+    fn validate(&self, config: &Value) -> Result<(), ConfigError> {
+        let _ = config;
+        Ok(())
+    }
     /// Validates `config` and builds an instance for workload `id`.
     /// Must not do I/O: connecting belongs in [`Workload::init`].
     fn create(&self, id: &str, config: &Value) -> Result<Arc<dyn Workload>, ConfigError>;

@@ -97,17 +97,21 @@ impl Slot {
     }
 
     /// Changes the status (and reason); returns the previous status.
-    pub(crate) fn set_status(&self, status: Status, reason: Option<String>) -> Status {
+    /// Sets status and reason; the previous status, and whether a reason
+    /// appeared where there was none (worth publishing even without a
+    /// status change: why an `initializing` workload does not come up).
+    pub(crate) fn set_status(&self, status: Status, reason: Option<String>) -> (Status, bool) {
         let now = SystemTime::now();
         let mut g = self.lock();
         let prev = g.status;
         if prev != status {
             g.since = now;
         }
+        let new_reason = g.reason.is_none() && reason.is_some();
         g.status = status;
         g.reason = reason.map(String::into_boxed_str);
         g.updated = now;
-        prev
+        (prev, new_reason)
     }
 
     pub(crate) fn status(&self) -> Status {

@@ -214,9 +214,11 @@ impl WorkloadState {
 
     /// Sets the status, emits `event` and tells the state writer.
     fn transition(&self, status: Status, reason: Option<String>, event: Option<Event>) {
-        let prev = self.slot.set_status(status, reason);
+        let (prev, new_reason) = self.slot.set_status(status, reason);
         if prev != status {
             tracing::info!(workload = &*self.slot.id, from = %prev, to = %status, "status");
+            self.shared.status_changed(&self.slot);
+        } else if new_reason {
             self.shared.status_changed(&self.slot);
         }
         if let Some(e) = event {
@@ -637,6 +639,12 @@ fn task_error(e: TaskError) -> (ErrorCode, String) {
         TaskError::UnknownCommand(_) => ErrorCode::UnknownCommand,
         TaskError::InvalidArgs(_) => ErrorCode::InvalidArgs,
         TaskError::Failed(_) => ErrorCode::TaskFailed,
+        TaskError::Timeout(_) => ErrorCode::Timeout,
+        TaskError::Unreachable(_) => ErrorCode::Unreachable,
+        TaskError::AuthFailed(_) => ErrorCode::AuthFailed,
+        TaskError::Device { .. } => ErrorCode::DeviceError,
+        // A variant added later: still a failure of the task.
+        _ => ErrorCode::TaskFailed,
     };
     (code, e.to_string())
 }

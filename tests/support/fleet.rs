@@ -16,8 +16,24 @@ use super::{eventually, NodeProc, Operator, TempDir};
 pub const TTL: Duration = Duration::from_secs(5);
 
 pub async fn add_traced(op: &Operator, ids: &[String], trace: &Path, extra: Value) {
+    add_traced_with(op, ids, trace, json!({}), extra).await
+}
+
+/// [`add_traced`] with more sim `config` fields (e.g. `{"stop_ms": 2000}`).
+pub async fn add_traced_with(
+    op: &Operator,
+    ids: &[String],
+    trace: &Path,
+    config: Value,
+    extra: Value,
+) {
     for id in ids {
         let mut spec = json!({"kind": "sim", "config": {"trace": trace}});
+        if let Value::Object(m) = &config {
+            for (k, v) in m {
+                spec["config"][k] = v.clone();
+            }
+        }
         if let Value::Object(m) = &extra {
             for (k, v) in m {
                 spec[k] = v.clone();
@@ -169,10 +185,23 @@ pub async fn traced_fleet(
     extra: &[&str],
     secs: u64,
 ) -> Fleet {
+    traced_fleet_with(op, urls, prefix, n, extra, secs, json!({})).await
+}
+
+/// [`traced_fleet`] whose sim devices have more `config` fields.
+pub async fn traced_fleet_with(
+    op: &Operator,
+    urls: &str,
+    prefix: &str,
+    n: usize,
+    extra: &[&str],
+    secs: u64,
+    config: Value,
+) -> Fleet {
     let logs = TempDir::new("logs");
     let trace = logs.0.join("trace.log");
     let ids = ids(prefix, n);
-    add_traced(op, &ids, &trace, json!({})).await;
+    add_traced_with(op, &ids, &trace, config, json!({})).await;
     let nodes: Vec<NodeProc> = ["a", "b", "c"]
         .iter()
         .map(|name| NodeProc::start(urls, name, &logs.0, extra))

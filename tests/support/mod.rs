@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod peers;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -58,6 +59,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::env::var_os("OTTOMATO_KEEP_TEST_DIRS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -103,7 +108,15 @@ impl NatsServer {
                 if line.contains("Server is ready") {
                     let _ = tx.send(port);
                 }
-                // Keep draining so the server never blocks on a full pipe.
+                // Connection trouble the server reports is worth seeing in a
+                // failing test's output; the rest is drained so the server
+                // never blocks on a full pipe.
+                if ["Slow Consumer", "Stale Client", "Write Error", "Readloop"]
+                    .iter()
+                    .any(|w| line.contains(w))
+                {
+                    eprintln!("nats-server: {line}");
+                }
             }
         });
         let port = rx

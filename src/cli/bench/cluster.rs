@@ -14,14 +14,14 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::actors::sim::trace::{calls, overlaps, read_trace};
+use crate::client::{Client, FanoutEvent};
+use crate::subjects::ENCODING_HEADER;
+use crate::wire::{bin, FanoutRequest, TaskRequest};
+use crate::{Status, WorkloadSpec};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use ottomato::actors::sim::trace::{calls, overlaps, read_trace};
-use ottomato::client::{Client, FanoutEvent};
-use ottomato::subjects::ENCODING_HEADER;
-use ottomato::wire::{bin, FanoutRequest, TaskRequest};
-use ottomato::{Status, WorkloadSpec};
 
 use super::{median, Bare};
 
@@ -379,7 +379,7 @@ impl Watcher {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let nodes = self.client.nodes().await?;
-            let settled = |i: &ottomato::wire::NodeInfo| {
+            let settled = |i: &crate::wire::NodeInfo| {
                 i.started >= since
                     && i.started.elapsed().unwrap_or_default() >= Duration::from_secs(2)
             };
@@ -529,7 +529,7 @@ fn check_ours(payload: &[u8], bincode: bool) -> bool {
     if bincode {
         bin::decode_result(payload).is_ok_and(|r| r.success)
     } else {
-        serde_json::from_slice::<ottomato::TaskResult>(payload).is_ok_and(|r| r.success)
+        serde_json::from_slice::<crate::TaskResult>(payload).is_ok_and(|r| r.success)
     }
 }
 
@@ -914,7 +914,7 @@ struct FloorReport {
 pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
     let nc = async_nats::connect(server).await?;
     let warm = nc.subscribe("warm.up").await?;
-    let before = ottomato::demo::rss_bytes().unwrap_or(0);
+    let before = crate::demo::rss_bytes().unwrap_or(0);
     let mut actors = Vec::with_capacity(n);
     let mut subs = Vec::with_capacity(n);
     for i in 0..n {
@@ -922,7 +922,7 @@ pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
         subs.push(nc.subscribe(format!("floor.task.dev-{i}")).await?);
     }
     nc.flush().await?;
-    let after = ottomato::demo::rss_bytes().unwrap_or(0);
+    let after = crate::demo::rss_bytes().unwrap_or(0);
     let r = FloorReport {
         bytes_per_item: after.saturating_sub(before) as f64 / n as f64,
     };

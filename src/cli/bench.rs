@@ -8,11 +8,11 @@
 use std::process::Command as Proc;
 use std::time::{Duration, Instant};
 
+use crate::actors::sim::SimKind;
+use crate::demo::rss_bytes;
+use crate::{Node, Status, Task, WorkloadSpec};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
-use ottomato::actors::sim::SimKind;
-use ottomato::demo::rss_bytes;
-use ottomato::{Node, Status, Task, WorkloadSpec};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 

