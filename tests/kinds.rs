@@ -453,10 +453,191 @@ async fn a_kind_of_your_own_runs_in_a_cluster_node_with_the_full_command_line() 
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(std::time::Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within 30 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let printed = std::fs::read_to_string(&out).unwrap();
     assert!(status.success(), "{status}: {printed}");
-    assert!(printed.contains("node edge-1 joined") && printed.contains("left cleanly"), "{printed}");
+    assert!(
+        printed.contains("node edge-1 joined") && printed.contains("left cleanly"),
+        "{printed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snmp_v2c_and_v3_get_walk_set_poll_against_net_snmp() {
+    let port = low_port();
+    let agent = peers::snmpd(port);
+    let creds = TempDir::new("creds");
+    let file = creds.0.join("credentials.toml");
+    std::fs::write(
+        &file,
+        "[ro]\ncommunity = \"public\"\n[rw]\ncommunity = \"private\"\n\
+         [v3-sha-aes]\nusername = \"shaAesUser\"\nauth_password = \"authpass123\"\npriv_password = \"privpass123\"\n\
+         [v3-sha256]\nusername = \"sha256User\"\nauth_password_env = \"KINDS_SNMP_AUTH\"\npriv_password = \"privpass256\"\n\
+         [v3-auth-only]\nusername = \"authOnlyUser\"\nauth_password = \"authonly123\"\n\
+         [v3-wrong]\nusername = \"sha256User\"\nauth_password = \"wrongpass1\"\npriv_password = \"privpass256\"\n\
+         [v3-unknown]\nusername = \"nosuchUser\"\nauth_password = \"whatever1\"\npriv_password = \"whatever1\"\n",
+    )
+    .unwrap();
+    std::env::set_var("KINDS_SNMP_AUTH", "authpass256");
+    let file_arg = file.display().to_string();
+    let c = cluster(&["--credentials", &file_arg]).await;
+    let op = &c.op;
+    let base = |creds: &str, version: &str| {
+        json!({"host": "127.0.0.1", "port": port, "version": version, "credentials": creds,
+               "timeoutMs": 500, "retries": 1})
+    };
+    let mut v2c = base("ro", "2c");
+    v2c["fields"] = json!([
+        {"name": "uptime", "oid": "1.3.6.1.2.1.1.3.0"},
+        {"name": "location", "oid": "1.3.6.1.2.1.1.6.0"}
+    ]);
+    v2c["tables"] = json!([{"name": "if", "oid": "1.3.6.1.2.1.2.2.1",
+        "columns": [{"name": "descr", "oid": "1.3.6.1.2.1.2.2.1.2"},
+                    {"name": "mtu", "oid": "1.3.6.1.2.1.2.2.1.4"}]}]);
+    let mut v3a = base("v3-sha-aes", "3");
+    v3a["authProtocol"] = json!("sha1");
+    v3a["privProtocol"] = json!("aes128");
+    let mut v3b = base("v3-sha256", "3");
+    v3b["authProtocol"] = json!("sha256");
+    v3b["privProtocol"] = json!("aes256");
+    let mut v3c = base("v3-auth-only", "3");
+    v3c["authProtocol"] = json!("sha1");
+    let mut v3bad = base("v3-wrong", "3");
+    v3bad["authProtocol"] = json!("sha256");
+    v3bad["privProtocol"] = json!("aes256");
+    let mut v3unknown = base("v3-unknown", "3");
+    v3unknown["authProtocol"] = json!("sha256");
+    v3unknown["privProtocol"] = json!("aes256");
+    for (id, config) in [
+        ("sw-v2c", v2c),
+        ("sw-rw", base("rw", "2c")),
+        ("sw-v3a", v3a),
+        ("sw-v3b", v3b),
+        ("sw-v3c", v3c),
+        ("sw-v3bad", v3bad),
+        ("sw-v3unknown", v3unknown),
+    ] {
+        op.add(id, json!({"kind": "snmp", "config": config})).await;
+    }
+    for id in ["sw-v2c", "sw-rw", "sw-v3a", "sw-v3b", "sw-v3c"] {
+        wait_status(op, id, "running", 30).await;
+    }
+    let location = json!({"oids": ["1.3.6.1.2.1.1.6.0"]});
+    for id in ["sw-v2c", "sw-v3a", "sw-v3b", "sw-v3c"] {
+        let v = ok(op, id, "get", location.clone()).await;
+        assert_eq!(
+            v["varbinds"],
+            json!([{"oid": "1.3.6.1.2.1.1.6.0", "type": "string", "value": "lab-rack-7"}]),
+            "{id}"
+        );
+    }
+    // Wrong credentials, known user or not: auth_failed, not a timeout.
+    for id in ["sw-v3unknown", "sw-v3bad"] {
+        let rec = wait_reason(op, id, "auth_failed", 30).await;
+        assert_ne!(rec["status"], "running", "{rec}");
+    }
+
+    let v = ok(
+        op,
+        "sw-v2c",
+        "getnext",
+        json!({"oids": ["1.3.6.1.2.1.1.6"]}),
+    )
+    .await;
+    assert_eq!(v["varbinds"][0]["oid"], "1.3.6.1.2.1.1.6.0");
+    // walk and bulkwalk see the same subtree, and only it.
+    let oids = |v: &Value| -> Vec<String> {
+        v["varbinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["oid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let walk = ok(op, "sw-v3b", "walk", json!({"oid": "1.3.6.1.2.1.1"})).await;
+    let bulk = ok(
+        op,
+        "sw-v3b",
+        "bulkwalk",
+        json!({"oid": "1.3.6.1.2.1.1", "maxRepetitions": 5}),
+    )
+    .await;
+    assert_eq!(oids(&walk), oids(&bulk));
+    assert!(oids(&walk).len() > 5, "{walk}");
+    assert!(
+        oids(&walk).iter().all(|o| o.starts_with("1.3.6.1.2.1.1.")),
+        "{walk}"
+    );
+    assert!(oids(&walk).contains(&"1.3.6.1.2.1.1.3.0".to_string()));
+    let descr = ok(
+        op,
+        "sw-v2c",
+        "bulkwalk",
+        json!({"oid": "1.3.6.1.2.1.2.2.1.2"}),
+    )
+    .await;
+    assert!(
+        descr["varbinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["value"] == "lo"),
+        "{descr}"
+    );
+
+    // poll: fields and a table joined by index (interface 1 is lo, MTU 65536).
+    let v = ok(op, "sw-v2c", "poll", json!({})).await;
+    assert_eq!(v["fields"]["location"], "lab-rack-7");
+    assert!(v["fields"]["uptime"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["tables"]["if"]["1"]["descr"], "lo", "{v}");
+    assert_eq!(v["tables"]["if"]["1"]["mtu"], 65536, "{v}");
+
+    // set: writable over v2c `private` and v3 rwuser; protocol errors otherwise.
+    ok(
+        op,
+        "sw-rw",
+        "set",
+        json!({"oid": "1.3.6.1.2.1.1.5.0", "type": "string", "value": "edge-7"}),
+    )
+    .await;
+    let v = ok(op, "sw-v3b", "get", json!({"oids": ["1.3.6.1.2.1.1.5.0"]})).await;
+    assert_eq!(v["varbinds"][0]["value"], "edge-7");
+    ok(
+        op,
+        "sw-v3b",
+        "set",
+        json!({"oid": "1.3.6.1.2.1.1.5.0", "type": "string", "value": "edge-8"}),
+    )
+    .await;
+    let (code, msg) = fails(
+        op,
+        "sw-rw",
+        "set",
+        json!({"oid": "1.3.6.1.2.1.1.6.0", "type": "string", "value": "x"}),
+    )
+    .await;
+    assert_eq!(code, "device_error", "{msg}");
+    let (code, msg) = fails(
+        op,
+        "sw-rw",
+        "set",
+        json!({"oid": "1.3.6.1.2.1.1.5.0", "type": "counter99", "value": 1}),
+    )
+    .await;
+    assert_eq!(code, "invalid_args", "{msg}");
+    let (code, msg) = fails(op, "sw-v2c", "get", json!({"oids": ["sysName.0"]})).await;
+    assert_eq!(code, "invalid_args", "{msg}");
+    assert!(msg.contains("numeric"), "{msg}");
+
+    // An agent that stops answering: timeout; fine again once it resumes.
+    agent.signal("STOP");
+    let (code, msg) = fails(op, "sw-v2c", "get", location.clone()).await;
+    assert_eq!(code, "timeout", "{msg}");
+    agent.signal("CONT");
+    ok(op, "sw-v2c", "get", location).await;
 }

@@ -16,6 +16,8 @@ pub mod http;
 #[cfg(feature = "modbus")]
 pub mod modbus;
 pub mod sim;
+#[cfg(feature = "snmp")]
+pub mod snmp;
 pub mod tcp;
 mod workload;
 
@@ -36,5 +38,7 @@ pub fn builtin(credentials: &Credentials) -> Vec<Arc<dyn Kind>> {
         Arc::new(http::HttpKind::new(credentials.clone())),
         #[cfg(feature = "modbus")]
         Arc::new(modbus::ModbusKind),
+        #[cfg(feature = "snmp")]
+        Arc::new(snmp::SnmpKind::new(credentials.clone())),
     ]
 }

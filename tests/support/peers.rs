@@ -57,8 +57,14 @@ pub struct Peer {
 impl Peer {
     /// Starts `cmd` in its own process group and waits (to a deadline) until
     /// `port` accepts connections.
-    pub fn start(name: &str, mut cmd: Command, port: u16) -> Peer {
-        let dir = TempDir::new(name);
+    pub fn start(name: &str, cmd: Command, port: u16) -> Peer {
+        let mut peer = Peer::spawn(cmd, port, TempDir::new(name));
+        peer.wait_listening(name);
+        peer
+    }
+
+    /// Starts `cmd` in its own process group, logging into `dir`.
+    fn spawn(mut cmd: Command, port: u16, dir: TempDir) -> Peer {
         let log = dir.0.join("peer.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = cmd
@@ -66,15 +72,13 @@ impl Peer {
             .stderr(out)
             .process_group(0)
             .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        let mut peer = Peer {
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        Peer {
             child,
             port,
             log,
             _dir: dir,
-        };
-        peer.wait_listening(name);
-        peer
+        }
     }
 
     fn wait_listening(&mut self, name: &str) {
@@ -230,4 +234,98 @@ pub fn httpbin(port: u16, tls: Option<&Tls>) -> Peer {
     }
     cmd.arg("httpbin:app");
     Peer::start("httpbin", cmd, port)
+}
+
+/// Installs a Debian package when `binary` is missing.
+pub fn ensure_apt(package: &str, binary: &str) {
+    let have = |b: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {b}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            || Path::new(&format!("/usr/sbin/{b}")).exists()
+    };
+    if have(binary) {
+        return;
+    }
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok && have(binary),
+        "could not install {package} (apt-get install {package})"
+    );
+}
+
+/// net-snmp's `snmpd` on `port` (UDP), unprivileged (`-u nobody`), with
+/// communities `public` (read) and `private` (write), and v3 users
+/// `shaAesUser` (SHA/AES, authPriv, read), `sha256User` (SHA-256/AES-256,
+/// authPriv, read-write) and `authOnlyUser` (SHA, authNoPriv, read).
+/// `sysLocation` is set in the config (so not writable), `sysName` is not.
+pub fn snmpd(port: u16) -> Peer {
+    ensure_apt("snmpd", "snmpd");
+    let dir = TempDir::new("snmpd");
+    // snmpd drops to nobody: it must be able to write its persistent dir.
+    let _ = Command::new("chmod").arg("777").arg(&dir.0).status();
+    let conf = dir.0.join("snmpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "rocommunity public 127.0.0.1\nrwcommunity private 127.0.0.1\n\
+             createUser shaAesUser SHA \"authpass123\" AES \"privpass123\"\n\
+             createUser sha256User SHA-256 \"authpass256\" AES-256 \"privpass256\"\n\
+             createUser authOnlyUser SHA \"authonly123\"\n\
+             rouser shaAesUser priv\nrwuser sha256User priv\nrouser authOnlyUser auth\n\
+             sysLocation lab-rack-7\nsysContact ops@example.net\npersistentDir {}\n",
+            dir.0.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("snmpd");
+    cmd.args(["-f", "-C", "-c"])
+        .arg(&conf)
+        .args(["-u", "nobody", "-Lo", "-M", "/dev/null"])
+        .arg(format!("udp:127.0.0.1:{port}"));
+    let mut peer = Peer::spawn(cmd, port, dir);
+    // UDP: ready once it answers a real request.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Command::new("snmpget")
+            .args([
+                "-v2c",
+                "-c",
+                "public",
+                "-M",
+                "/dev/null",
+                "-t",
+                "0.3",
+                "-r",
+                "0",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("1.3.6.1.2.1.1.3.0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return peer;
+        }
+        if let Ok(Some(st)) = peer.child.try_wait() {
+            panic!("snmpd exited ({st}):\n{}", peer.log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snmpd not answering within 30 s:\n{}",
+            peer.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
