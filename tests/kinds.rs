@@ -641,3 +641,105 @@ async fn snmp_v2c_and_v3_get_walk_set_poll_against_net_snmp() {
     agent.signal("CONT");
     ok(op, "sw-v2c", "get", location).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_exec_and_interactive_send_with_a_pinned_host_key_against_openssh() {
+    let keys = peers::SshKeys::generate();
+    let port = low_port();
+    let server = peers::sshd(port, &keys, "host_a");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let creds = TempDir::new("creds");
+    let file = creds.0.join("credentials.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[ops]\nusername = \"{user}\"\nprivate_key_file = \"{}\"\n\
+             [stranger]\nusername = \"{user}\"\nprivate_key_file = \"{}\"\n",
+            keys.path("client"),
+            keys.path("stranger")
+        ),
+    )
+    .unwrap();
+    let file_arg = file.display().to_string();
+    let c = cluster(&["--credentials", &file_arg]).await;
+    let op = &c.op;
+    let spec = |creds: &str, pin: (&str, String)| {
+        let mut config = json!({"host": "127.0.0.1", "port": port, "credentials": creds,
+                                "timeoutMs": 2000});
+        config[pin.0] = json!(pin.1);
+        json!({"kind": "ssh", "config": config})
+    };
+    op.add("srv-1", spec("ops", ("hostKey", keys.public("host_a"))))
+        .await;
+    op.add(
+        "srv-fp",
+        spec("ops", ("hostKeyFingerprint", keys.fingerprint("host_a"))),
+    )
+    .await;
+    op.add(
+        "srv-stranger",
+        spec("stranger", ("hostKey", keys.public("host_a"))),
+    )
+    .await;
+    op.add(
+        "srv-wrongpin",
+        spec("ops", ("hostKey", keys.public("host_b"))),
+    )
+    .await;
+    for id in ["srv-1", "srv-fp"] {
+        wait_status(op, id, "running", 30).await;
+    }
+    let rec = wait_reason(op, "srv-stranger", "auth_failed", 30).await;
+    assert_ne!(rec["status"], "running", "{rec}");
+    let rec = wait_reason(op, "srv-wrongpin", "not the pinned", 30).await;
+    assert!(
+        rec["reason"].as_str().unwrap().contains("auth_failed"),
+        "{rec}"
+    );
+
+    let v = ok(
+        op,
+        "srv-1",
+        "exec",
+        json!({"command": "echo hi; echo err >&2; exit 3"}),
+    )
+    .await;
+    assert_eq!(
+        v,
+        json!({"stdout": "hi\n", "stderr": "err\n", "exitStatus": 3})
+    );
+    let v = ok(op, "srv-fp", "exec", json!({"command": "echo $((6 * 7))"})).await;
+    assert_eq!(v["stdout"], "42\n");
+    let v = ok(
+        op,
+        "srv-1",
+        "send",
+        json!({"commands": ["echo hello", "printf 'a\\nb\\n'"]}),
+    )
+    .await;
+    assert_eq!(v["outputs"], json!(["hello", "a\nb"]), "{v}");
+    let (code, _) = fails(op, "srv-1", "exec", json!({"cmd": "typo"})).await;
+    assert_eq!(code, "invalid_args");
+
+    // A server that stops answering: timeout; fine again once it resumes.
+    server.signal("STOP");
+    let (code, msg) = fails(op, "srv-1", "exec", json!({"command": "true"})).await;
+    assert_eq!(code, "timeout", "{msg}");
+    server.signal("CONT");
+    eventually(30, "srv-1 answers again", || async {
+        let r = task(op, "srv-1", "exec", json!({"command": "echo back"})).await;
+        (r["return"]["stdout"] == "back\n").then_some(())
+    })
+    .await;
+
+    // The server comes back with another host key: never accepted.
+    drop(server);
+    let _server = peers::sshd(port, &keys, "host_b");
+    let rec = wait_reason(op, "srv-1", "not the pinned", 60).await;
+    assert_ne!(rec["status"], "running", "{rec}");
+    let (code, msg) = fails(op, "srv-1", "exec", json!({"command": "true"})).await;
+    assert!(
+        code == "auth_failed" || code == "unreachable",
+        "{code}: {msg}"
+    );
+}

@@ -18,6 +18,8 @@ pub mod modbus;
 pub mod sim;
 #[cfg(feature = "snmp")]
 pub mod snmp;
+#[cfg(feature = "ssh")]
+pub mod ssh;
 pub mod tcp;
 mod workload;
 
@@ -40,5 +42,7 @@ pub fn builtin(credentials: &Credentials) -> Vec<Arc<dyn Kind>> {
         Arc::new(modbus::ModbusKind),
         #[cfg(feature = "snmp")]
         Arc::new(snmp::SnmpKind::new(credentials.clone())),
+        #[cfg(feature = "ssh")]
+        Arc::new(ssh::SshKind::new(credentials.clone())),
     ]
 }

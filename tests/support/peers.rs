@@ -111,21 +111,61 @@ impl Peer {
         s
     }
 
-    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the peer's whole process group.
+    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the peer and every process
+    /// it started (sshd's per-connection processes leave its group).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg("--")
-            .arg(format!("-{}", self.child.id()))
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill -{sig} on peer group {}", self.child.id());
+        let mut pids = descendants(self.child.id());
+        pids.insert(0, self.child.id());
+        for pid in pids {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// Every process descended from `root` (from /proc), parents first.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid …": comm may hold spaces; split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parent_of.iter().filter(|(_, pp)| *pp == p) {
+            out.push(*child);
+            frontier.push(*child);
+        }
+    }
+    out
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        for pid in descendants(self.child.id()) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
         let _ = Command::new("kill")
             .arg("-KILL")
             .arg("--")
@@ -328,4 +368,84 @@ pub fn snmpd(port: u16) -> Peer {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Keys for an SSH peer: two host keys (`host_a`, `host_b`) and two client
+/// keys (`client`, authorized; `stranger`, not), made by `ssh-keygen`.
+pub struct SshKeys {
+    pub dir: TempDir,
+}
+
+impl SshKeys {
+    pub fn generate() -> SshKeys {
+        ensure_apt("openssh-server", "sshd");
+        let dir = TempDir::new("sshkeys");
+        for name in ["host_a", "host_b", "client", "stranger"] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(dir.0.join(name))
+                .output()
+                .expect("ssh-keygen");
+            assert!(
+                out.status.success(),
+                "ssh-keygen: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let client_pub = std::fs::read_to_string(dir.0.join("client.pub")).unwrap();
+        std::fs::write(dir.0.join("authorized_keys"), client_pub).unwrap();
+        SshKeys { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+
+    /// A host key's public line (`ssh-ed25519 AAAA… host_a`).
+    pub fn public(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.0.join(format!("{host}.pub")))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A host key's fingerprint as `ssh-keygen -lf` prints it (`SHA256:…`).
+    pub fn fingerprint(&self, host: &str) -> String {
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(self.dir.0.join(format!("{host}.pub")))
+            .output()
+            .expect("ssh-keygen -lf");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// OpenSSH's `sshd` on `port` with host key `host` (of `keys`), public-key
+/// logins of the current user with `keys`' `client` key.
+pub fn sshd(port: u16, keys: &SshKeys, host: &str) -> Peer {
+    ensure_apt("openssh-server", "sshd");
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let dir = TempDir::new("sshd");
+    let conf = dir.0.join("sshd_config");
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+             AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
+             PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+            keys.path(host),
+            dir.0.join("sshd.pid").display(),
+            keys.path("authorized_keys"),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("/usr/sbin/sshd");
+    cmd.args(["-D", "-e", "-f"]).arg(&conf);
+    let mut peer = Peer::spawn(cmd, port, dir);
+    peer.wait_listening("sshd");
+    peer
 }
