@@ -9,6 +9,15 @@
 //! node builder. [`sim::SimKind`] is the complete worked example.
 #![warn(missing_docs, unreachable_pub)]
 
+#[cfg_attr(
+    not(all(
+        feature = "http",
+        feature = "modbus",
+        feature = "snmp",
+        feature = "ssh"
+    )),
+    allow(dead_code)
+)]
 mod common;
 pub mod credentials;
 #[cfg(feature = "http")]

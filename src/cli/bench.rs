@@ -17,6 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 mod cluster;
+mod devices;
 use cluster::{Opts, Scenario};
 
 #[derive(Subcommand)]
@@ -50,6 +51,32 @@ pub(crate) enum BenchCommand {
     Memory(Opts),
     /// A task to every workload by selection vs as many raw echo requests.
     Fanout(Opts),
+    /// N real SNMP agents (one snmpd on N UDP ports) polled through the engine vs a bare async-snmp loop.
+    #[command(after_help = "Example:\n  ottomato bench snmp --devices 10000")]
+    Snmp {
+        /// Agents (UDP ports of one snmpd).
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Polls in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// A/B rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// N Modbus/TCP servers (pymodbus) polled through the engine vs a bare tokio-modbus loop.
+    #[command(after_help = "Example:\n  ottomato bench modbus --devices 1000")]
+    Modbus {
+        /// Servers (TCP ports of one pymodbus process).
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// Polls in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// A/B rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Every scenario above, one table at the end.
     #[command(
         after_help = "Examples:\n  ottomato bench all --quick      # about a minute, CI's smoke run\n  ottomato bench all              # default sizes (100k claims/memory, 30k failover/scale-out/fan-out, 10k tasks)"
@@ -235,6 +262,16 @@ async fn task_rate_raw(actors: &[ActorRef<RpcReplyPort<u64>>], tasks: usize, con
 pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::CoreChild { what, n } => child(what, n).await,
+        BenchCommand::Snmp {
+            devices,
+            concurrency,
+            rounds,
+        } => devices::snmp(devices, concurrency, rounds).await,
+        BenchCommand::Modbus {
+            devices,
+            concurrency,
+            rounds,
+        } => devices::modbus(devices, concurrency, rounds).await,
         BenchCommand::Tasks(o) => cluster::run(&[Scenario::Tasks], &o).await,
         BenchCommand::Claims(o) => cluster::run(&[Scenario::Claims], &o).await,
         BenchCommand::Failover(o) => cluster::run(&[Scenario::Failover], &o).await,
