@@ -44,14 +44,20 @@ async fn fails(op: &Operator, id: &str, command: &str, kwargs: Value) -> (String
 }
 
 /// Waits until the workload's status (from the state bucket) is `status`;
-/// its record.
+/// its record (the last one seen is in the failure message).
 async fn wait_status(op: &Operator, id: &str, status: &str, secs: u64) -> Value {
-    eventually(secs, &format!("{id} {status}"), || async {
-        let v = op.state.get(id).await.ok().flatten()?;
-        let rec: Value = serde_json::from_slice(&v).ok()?;
-        (rec["status"] == status).then_some(rec)
-    })
-    .await
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = Value::Null;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(v)) = op.state.get(id).await {
+            last = serde_json::from_slice(&v).unwrap_or_default();
+            if last["status"] == status {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id}: not {status} within {secs} s; last record: {last}");
 }
 
 /// Waits until the workload's record gives a reason containing `needle`;
@@ -251,6 +257,8 @@ async fn http_over_tls_with_named_credentials_against_httpbin() {
     let (plain_port, tls_port) = (low_port(), low_port());
     let plain = peers::httpbin(plain_port, None);
     let _secure = peers::httpbin(tls_port, Some(&tls));
+    let mtls_port = low_port();
+    let _mutual = peers::httpbin_with(mtls_port, Some(&tls), true);
     let creds = TempDir::new("creds");
     let file = creds.0.join("credentials.toml");
     std::fs::write(
@@ -293,9 +301,29 @@ async fn http_over_tls_with_named_credentials_against_httpbin() {
         json!({"kind": "http", "config": {"baseUrl": base, "healthPath": "/status/200"}}),
     )
     .await;
-    for id in ["gw-1", "gw-wrong", "gw-bearer"] {
+    // Mutual TLS: the node presents a client certificate from its own files.
+    let mbase = format!("https://127.0.0.1:{mtls_port}");
+    op.add(
+        "gw-mtls",
+        json!({"kind": "http", "config": {
+            "baseUrl": mbase, "caFile": tls.path("ca.pem"), "healthPath": "/status/200",
+            "clientCertFile": tls.path("client.pem"), "clientKeyFile": tls.path("client.key")}}),
+    )
+    .await;
+    op.add(
+        "gw-nocert",
+        json!({"kind": "http", "config": {
+            "baseUrl": mbase, "caFile": tls.path("ca.pem"), "healthPath": "/status/200",
+            "timeoutMs": 1500}}),
+    )
+    .await;
+    for id in ["gw-1", "gw-wrong", "gw-bearer", "gw-mtls"] {
         wait_status(op, id, "running", 30).await;
     }
+    let v = ok(op, "gw-mtls", "get", json!({"path": "/get"})).await;
+    assert_eq!(v["status"], 200);
+    let rec = wait_reason(op, "gw-nocert", "init attempt", 30).await;
+    assert_ne!(rec["status"], "running", "{rec}");
 
     let v = ok(op, "gw-1", "get", json!({"path": "/basic-auth/ops/s3cret"})).await;
     assert_eq!(v["status"], 200);
@@ -494,11 +522,13 @@ async fn snmp_v2c_and_v3_get_walk_set_poll_against_net_snmp() {
     let mut v2c = base("ro", "2c");
     v2c["fields"] = json!([
         {"name": "uptime", "oid": "1.3.6.1.2.1.1.3.0"},
+        {"name": "uptime_s", "oid": "1.3.6.1.2.1.1.3.0", "conversion": "float(2)"},
         {"name": "location", "oid": "1.3.6.1.2.1.1.6.0"}
     ]);
     v2c["tables"] = json!([{"name": "if", "oid": "1.3.6.1.2.1.2.2.1",
         "columns": [{"name": "descr", "oid": "1.3.6.1.2.1.2.2.1.2"},
-                    {"name": "mtu", "oid": "1.3.6.1.2.1.2.2.1.4"}]}]);
+                    {"name": "mtu", "oid": "1.3.6.1.2.1.2.2.1.4"},
+                    {"name": "mac", "oid": "1.3.6.1.2.1.2.2.1.6", "conversion": "hwaddr"}]}]);
     let mut v3a = base("v3-sha-aes", "3");
     v3a["authProtocol"] = json!("sha1");
     v3a["privProtocol"] = json!("aes128");
@@ -596,6 +626,23 @@ async fn snmp_v2c_and_v3_get_walk_set_poll_against_net_snmp() {
     assert!(v["fields"]["uptime"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["tables"]["if"]["1"]["descr"], "lo", "{v}");
     assert_eq!(v["tables"]["if"]["1"]["mtu"], 65536, "{v}");
+    // Conversions: TimeTicks in seconds; lo's (empty) MAC, every other
+    // interface's as aa:bb:cc:dd:ee:ff.
+    let ticks = v["fields"]["uptime"].as_f64().unwrap();
+    let secs = v["fields"]["uptime_s"].as_f64().unwrap();
+    assert!((secs - ticks / 100.0).abs() < 1e-9, "{v}");
+    let macs: Vec<&Value> = v["tables"]["if"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|row| &row["mac"])
+        .filter(|m| m.as_str().is_some_and(|s| !s.is_empty()))
+        .collect();
+    assert!(
+        macs.iter()
+            .all(|m| m.as_str().unwrap().split(':').count() == 6),
+        "{v}"
+    );
 
     // set: writable over v2c `private` and v3 rwuser; protocol errors otherwise.
     ok(

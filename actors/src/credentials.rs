@@ -115,7 +115,17 @@ impl Credentials {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<usize, String> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        // toml's Display quotes the offending line, which may hold a secret:
+        // report only what is wrong and where.
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => format!("line {l}: {}", e.message()),
+                None => e.message().to_string(),
+            }
+        })?;
         let mut loaded = Vec::new();
         for (name, value) in table {
             let toml::Value::Table(fields) = value else {
@@ -182,7 +192,25 @@ pub const SECRET_KEYS: &[&str] = &[
     "privateKey",
     "passphrase",
     "apiKey",
+    "xApiKey",
+    "authorization",
+    "proxyAuthorization",
+    "cookie",
 ];
+
+/// Key names containing one of these are secrets too (`snmpAuthPassword`).
+const SECRET_WORDS: &[&str] = &["password", "passwd", "secret", "passphrase"];
+
+/// A URL with a password in it (`https://user:pw@host`).
+fn url_with_password(s: &str) -> bool {
+    let Some((_, rest)) = s.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
 
 /// Refuses a config that holds a secret inline (any key of [`SECRET_KEYS`],
 /// at any depth, compared case-insensitively without `_`/`-`).
@@ -201,16 +229,24 @@ pub fn refuse_inline_secrets(kind: &str, config: &Value) -> Result<(), ConfigErr
                 } else {
                     format!("{path}.{k}")
                 };
-                if SECRET_KEYS.iter().any(|s| norm(s) == norm(k)) {
+                let key = norm(k);
+                if SECRET_KEYS.iter().any(|s| norm(s) == key)
+                    || SECRET_WORDS.iter().any(|w| key.contains(w))
+                    || v.as_str().is_some_and(url_with_password)
+                {
                     Some(here)
                 } else {
                     walk(v, &here)
                 }
             }),
-            Value::Array(a) => a
-                .iter()
-                .enumerate()
-                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+                let here = format!("{path}[{i}]");
+                if v.as_str().is_some_and(url_with_password) {
+                    Some(here)
+                } else {
+                    walk(v, &here)
+                }
+            }),
             _ => None,
         }
     }
@@ -247,11 +283,46 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_file_is_reported_without_its_secrets() {
+        let c = Credentials::default();
+        let e = c
+            .load_toml(
+                "[r]\npassword = \"s3cret\"\npassword = \"s3cret\"\n",
+                |_| None,
+            )
+            .unwrap_err();
+        assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
     fn inline_secrets_are_refused_with_the_field() {
         let ok = serde_json::json!({"host": "h", "credentials": "c"});
         assert!(refuse_inline_secrets("snmp", &ok).is_ok());
         let bad = serde_json::json!({"host": "h", "v3": {"auth_password": "x"}});
         let e = refuse_inline_secrets("snmp", &bad).unwrap_err().to_string();
         assert!(e.contains("v3.auth_password"), "{e}");
+        for (bad, field) in [
+            (
+                serde_json::json!({"headers": {"Authorization": "Bearer x"}}),
+                "headers.Authorization",
+            ),
+            (
+                serde_json::json!({"headers": {"X-API-Key": "k"}}),
+                "headers.X-API-Key",
+            ),
+            (
+                serde_json::json!({"baseUrl": "https://ops:pw@10.0.0.1/api"}),
+                "baseUrl",
+            ),
+            (
+                serde_json::json!({"snmpAuthPassword": "x"}),
+                "snmpAuthPassword",
+            ),
+        ] {
+            let e = refuse_inline_secrets("http", &bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let fine = serde_json::json!({"baseUrl": "https://ops@10.0.0.1/a:b", "tokenUrl": "x"});
+        assert!(refuse_inline_secrets("http", &fine).is_ok());
     }
 }

@@ -170,17 +170,31 @@ struct RequestArgs {
     headers: BTreeMap<String, String>,
 }
 
-fn http_error(what: &str, e: &reqwest::Error) -> NetError {
-    // The whole chain: rustls puts the certificate problem at the bottom.
+/// An error with its sources (`a: b: c`): reqwest hides the cause below.
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut chain = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(s) = src {
         chain.push_str(": ");
         chain.push_str(&s.to_string());
         src = s.source();
     }
+    chain
+}
+
+fn http_error(what: &str, e: &reqwest::Error) -> NetError {
+    // The whole chain: rustls puts the certificate problem at the bottom.
+    let chain = error_chain(e);
     let msg = format!("{what}: {chain}");
-    if chain.to_lowercase().contains("certificate") {
+    // Look for a certificate problem in the causes only: the error's own
+    // text carries the URL, and `/api/certificates` is no TLS failure.
+    let mut causes = String::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        causes.push_str(&s.to_string().to_lowercase());
+        src = s.source();
+    }
+    if causes.contains("certificate") {
         NetError::Auth(msg)
     } else if e.is_timeout() {
         NetError::Timeout(msg)
@@ -211,12 +225,13 @@ impl HttpWorkload {
                 std::fs::read(key)
                     .map_err(|e| WorkloadError::new(format!("clientKeyFile {key}: {e}")))?,
             );
-            let id = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| WorkloadError::new(format!("client certificate: {e}")))?;
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                WorkloadError::new(format!("client certificate: {}", error_chain(&e)))
+            })?;
             b = b.identity(id);
         }
         b.build()
-            .map_err(|e| WorkloadError::new(format!("http client: {e}")))
+            .map_err(|e| WorkloadError::new(format!("http client: {}", error_chain(&e))))
     }
 
     fn url(&self, path: &str) -> String {

@@ -235,6 +235,11 @@ impl Kind for ModbusKind {
 #[derive(Default)]
 struct Conn {
     ctx: Option<Context>,
+    /// A request was sent and its answer not yet read: set for the length of
+    /// a call, so a call cancelled mid-way (its future dropped by the
+    /// engine's deadline) leaves it set and the next call starts afresh
+    /// instead of reading the late answer.
+    in_flight: bool,
     /// After a failed connect: no new attempt before this, and the next wait.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -330,7 +335,11 @@ impl ModbusWorkload {
         >,
     ) -> Result<T, NetError> {
         let mut conn = self.conn.lock().await;
+        if std::mem::take(&mut conn.in_flight) {
+            conn.ctx = None;
+        }
         self.connect(&mut conn).await?;
+        conn.in_flight = true;
         let ctx = conn.ctx.as_mut().expect("connected");
         let what = format!("{what} on {}", self.address());
         let r = within(self.limit(), &what, async {
@@ -341,6 +350,7 @@ impl ModbusWorkload {
             }
         })
         .await;
+        conn.in_flight = false;
         if matches!(
             r,
             Err(NetError::Timeout(_) | NetError::Unreachable(_) | NetError::Other(_))
@@ -400,6 +410,18 @@ impl ModbusWorkload {
         let words = self
             .read_words(r.register, r.address, r.data_type.words())
             .await?;
+        if words.len() != r.data_type.words() as usize {
+            return Err(NetError::Device {
+                code: "short reply".into(),
+                message: format!(
+                    "asked {} registers at {} for a {:?}, got {}",
+                    r.data_type.words(),
+                    r.address,
+                    r.data_type,
+                    words.len()
+                ),
+            });
+        }
         Ok(decode(&words, r.data_type, r.order, r.scale))
     }
 

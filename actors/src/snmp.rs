@@ -6,9 +6,10 @@
 //! {"host": "10.0.0.1", "port": 161, "version": "3", "credentials": "core-routers",
 //!  "authProtocol": "sha256", "privProtocol": "aes256", "contextName": "",
 //!  "timeoutMs": 2000, "retries": 1, "maxRepetitions": 25,
-//!  "fields": [{"name": "uptime", "oid": "1.3.6.1.2.1.1.3.0"}],
+//!  "fields": [{"name": "uptime", "oid": "1.3.6.1.2.1.1.3.0", "conversion": "float(2)"}],
 //!  "tables": [{"name": "if", "oid": "1.3.6.1.2.1.2.2.1",
-//!              "columns": [{"name": "descr", "oid": "1.3.6.1.2.1.2.2.1.2"}]}]}
+//!              "columns": [{"name": "descr", "oid": "1.3.6.1.2.1.2.2.1.2"},
+//!                          {"name": "mac", "oid": "1.3.6.1.2.1.2.2.1.6", "conversion": "hwaddr"}]}]}
 //! ```
 //!
 //! Secrets are in the node's credential named by `credentials`: field
@@ -29,7 +30,8 @@
 //!   `counter64`), `poll` (the configured fields and tables; table rows
 //!   joined by index).
 //! - Every value comes back as `{"oid", "type", "value"}`; strings that are
-//!   not UTF-8 come back as hex.
+//!   not UTF-8 come back as hex. `poll` gives bare values, converted as a
+//!   field or column says (`float(N)`, `float`, `int`, `hwaddr`, `ipaddr`).
 //! - Errors: no answer → `timeout`; v3 authentication → `auth_failed`; an
 //!   agent's error-status → `device_error` with its name (`noSuchName`,
 //!   `notWritable`, …).
@@ -150,6 +152,67 @@ const fn default_reps() -> u32 {
 struct NamedOid {
     name: String,
     oid: String,
+    /// Telegraf's conversions: `float(N)` (divide by 10^N), `float`, `int`,
+    /// `hwaddr` (octets as `aa:bb:…`), `ipaddr` (4 octets as a dotted quad).
+    #[serde(default)]
+    conversion: Option<String>,
+}
+
+/// A field's conversion, checked when the config is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Conversion {
+    Float(i32),
+    Int,
+    HwAddr,
+    IpAddr,
+}
+
+fn conversion(s: &str) -> Result<Conversion, String> {
+    match s {
+        "float" => Ok(Conversion::Float(0)),
+        "int" => Ok(Conversion::Int),
+        "hwaddr" => Ok(Conversion::HwAddr),
+        "ipaddr" => Ok(Conversion::IpAddr),
+        other => other
+            .strip_prefix("float(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.parse::<i32>().ok())
+            .filter(|n| (0..=18).contains(n))
+            .map(Conversion::Float)
+            .ok_or_else(|| {
+                format!("conversion {other:?}: one of float, float(N), int, hwaddr, ipaddr")
+            }),
+    }
+}
+
+/// A polled value, converted as configured (left as is when it does not apply).
+fn converted(v: &SnmpValue, conv: Option<&str>) -> Value {
+    let raw = value_json(v).1;
+    let Some(c) = conv.and_then(|c| conversion(c).ok()) else {
+        return raw;
+    };
+    let octets = match v {
+        SnmpValue::OctetString(b) | SnmpValue::Opaque(b) => Some(&b[..]),
+        _ => None,
+    };
+    let number = raw
+        .as_f64()
+        .or_else(|| raw.as_str().and_then(|s| s.trim().parse::<f64>().ok()));
+    match c {
+        Conversion::Float(n) => number.map_or(raw, |x| json!(x / 10f64.powi(n))),
+        Conversion::Int => number.map_or(raw, |x| json!(x.trunc() as i64)),
+        Conversion::HwAddr => octets.map_or(raw, |b| {
+            json!(b
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"))
+        }),
+        Conversion::IpAddr => match (v, octets) {
+            (_, Some(b)) if b.len() == 4 => json!(format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])),
+            _ => raw,
+        },
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,11 +250,18 @@ fn check(cfg: &SnmpConfig) -> Result<(), ConfigError> {
     }
     for f in &cfg.fields {
         oid(&f.oid).map_err(|e| bad(format!("field {:?}: {e}", f.name)))?;
+        if let Some(c) = &f.conversion {
+            conversion(c).map_err(|e| bad(format!("field {:?}: {e}", f.name)))?;
+        }
     }
     for t in &cfg.tables {
         oid(&t.oid).map_err(|e| bad(format!("table {:?}: {e}", t.name)))?;
         for c in &t.columns {
             oid(&c.oid).map_err(|e| bad(format!("table {:?} column {:?}: {e}", t.name, c.name)))?;
+            if let Some(conv) = &c.conversion {
+                conversion(conv)
+                    .map_err(|e| bad(format!("table {:?} column {:?}: {e}", t.name, c.name)))?;
+            }
         }
     }
     Ok(())
@@ -514,7 +584,10 @@ impl SnmpWorkload {
                 .collect();
             let vbs = self.get(&oids).await?;
             for (f, vb) in self.cfg.fields.iter().zip(&vbs) {
-                fields.insert(f.name.clone(), value_json(&vb.value).1);
+                fields.insert(
+                    f.name.clone(),
+                    converted(&vb.value, f.conversion.as_deref()),
+                );
             }
         }
         let mut tables = Map::new();
@@ -527,9 +600,10 @@ impl SnmpWorkload {
                 for vb in self.walk(col, true, None, None).await? {
                     let full = vb.oid.to_string();
                     let index = full.strip_prefix(&prefix).unwrap_or(&full).to_string();
-                    rows.entry(index)
-                        .or_default()
-                        .insert(c.name.clone(), value_json(&vb.value).1);
+                    rows.entry(index).or_default().insert(
+                        c.name.clone(),
+                        converted(&vb.value, c.conversion.as_deref()),
+                    );
                 }
             }
             let rows: Map<String, Value> = rows

@@ -80,6 +80,31 @@ fn default_prompt() -> String {
     r"[>#$%]\s*$".into()
 }
 
+/// The pinned key's algorithms, offered first so that a host with several
+/// host keys shows the pinned one (an RSA pin on a host that also has
+/// Ed25519 would otherwise look changed). `None`: pinned by fingerprint.
+fn pinned_algorithms(cfg: &SshConfig) -> Option<Vec<russh::keys::Algorithm>> {
+    use russh::keys::Algorithm;
+    let line = cfg.host_key.as_ref()?;
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let i = parts
+        .iter()
+        .position(|p| p.starts_with("ssh-") || p.starts_with("ecdsa-"))?;
+    let key = russh::keys::parse_public_key_base64(parts.get(i + 1)?).ok()?;
+    Some(match key.algorithm() {
+        Algorithm::Rsa { .. } => vec![
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha512),
+            },
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha256),
+            },
+            Algorithm::Rsa { hash: None },
+        ],
+        other => vec![other],
+    })
+}
+
 /// The pinned host key's SHA-256 fingerprint (`SHA256:…`).
 fn pinned_fingerprint(cfg: &SshConfig) -> Result<String, ConfigError> {
     match (&cfg.host_key, &cfg.host_key_fingerprint) {
@@ -270,6 +295,29 @@ fn strip_escapes(s: &str) -> String {
     re.replace_all(s, "").into_owned()
 }
 
+/// A channel that is closed however the task ends: russh does not close a
+/// dropped channel, and a cancelled task must not leave a shell open on the
+/// device (each takes one of its sessions).
+struct Open(Option<russh::Channel<client::Msg>>);
+
+impl Open {
+    fn ch(&mut self) -> &mut russh::Channel<client::Msg> {
+        self.0.as_mut().expect("open until dropped")
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(ch) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = ch.close().await;
+                });
+            }
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExecArgs {
@@ -297,10 +345,17 @@ impl SshWorkload {
             pinned: self.pinned.clone(),
             seen: seen.clone(),
         };
-        let config = Arc::new(client::Config {
+        let mut config = client::Config {
             inactivity_timeout: None,
+            // A silently dead peer is noticed by russh itself too.
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 3,
             ..Default::default()
-        });
+        };
+        if let Some(algs) = pinned_algorithms(&self.cfg) {
+            config.preferred.key = std::borrow::Cow::Owned(algs);
+        }
+        let config = Arc::new(config);
         let addr = self.address();
         let what = format!("ssh {addr}");
         let connected = within(self.limit(), &what, async {
@@ -399,21 +454,37 @@ impl SshWorkload {
         let h = self.session().await?;
         let what = format!("exec on {}", self.address());
         let r = within(self.limit(), &what, async {
-            let mut ch = h
-                .channel_open_session()
-                .await
-                .map_err(|e| ssh_error(&what, e))?;
+            let mut open = Open(Some(
+                h.channel_open_session()
+                    .await
+                    .map_err(|e| ssh_error(&what, e))?,
+            ));
+            let ch = open.ch();
             ch.exec(true, command)
                 .await
                 .map_err(|e| ssh_error(&what, e))?;
-            let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+            let (mut out, mut err, mut status, mut signal) = (Vec::new(), Vec::new(), None, None);
             while let Some(msg) = ch.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => out.extend_from_slice(&data),
                     ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
                     ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => signal = Some(signal_name),
                     _ => {}
                 }
+            }
+            if status.is_none() {
+                // No exit status: the command did not end on its own.
+                return Err(match signal {
+                    Some(sig) => NetError::Device {
+                        code: "signal".into(),
+                        message: format!("{what}: the command was killed by {sig:?}"),
+                    },
+                    None => NetError::Unreachable(format!(
+                        "{what}: the session ended before the command did ({} bytes of output)",
+                        out.len()
+                    )),
+                });
             }
             Ok(json!({
                 "stdout": String::from_utf8_lossy(&out),
@@ -432,10 +503,12 @@ impl SshWorkload {
         let h = self.session().await?;
         let what = format!("send on {}", self.address());
         let r = within(self.limit() * (commands.len() as u32 + 1), &what, async {
-            let mut ch = h
-                .channel_open_session()
-                .await
-                .map_err(|e| ssh_error(&what, e))?;
+            let mut open = Open(Some(
+                h.channel_open_session()
+                    .await
+                    .map_err(|e| ssh_error(&what, e))?,
+            ));
+            let ch = open.ch();
             ch.request_pty(true, "vt100", 200, 50, 0, 0, &[])
                 .await
                 .map_err(|e| ssh_error(&what, e))?;
@@ -444,14 +517,14 @@ impl SshWorkload {
                 .map_err(|e| ssh_error(&what, e))?;
             let mut buf = String::new();
             // The banner, up to the first prompt.
-            self.read_to_prompt(&mut ch, &mut buf, &what).await?;
+            self.read_to_prompt(ch, &mut buf, &what).await?;
             let mut outputs = Vec::new();
             for cmd in commands {
                 buf.clear();
                 ch.data_bytes(format!("{cmd}\n").into_bytes())
                     .await
                     .map_err(|e| ssh_error(&what, e))?;
-                self.read_to_prompt(&mut ch, &mut buf, &what).await?;
+                self.read_to_prompt(ch, &mut buf, &what).await?;
                 let clean = strip_escapes(&buf);
                 let mut lines: Vec<&str> = clean.lines().collect();
                 if lines
@@ -464,11 +537,10 @@ impl SshWorkload {
                 outputs.push(lines.join("\n"));
             }
             let _ = ch.eof().await;
-            let _ = ch.close().await;
             Ok(json!({"outputs": outputs}))
         })
         .await;
-        if matches!(r, Err(NetError::Unreachable(_))) {
+        if matches!(r, Err(NetError::Unreachable(_))) || h.is_closed() {
             self.forget(&h).await;
         }
         r
@@ -481,8 +553,11 @@ impl SshWorkload {
         what: &str,
     ) -> Result<(), NetError> {
         loop {
+            // The prompt is the last, unterminated line: output lines that
+            // end in `%` or `>` are not prompts.
             let clean = strip_escapes(buf);
-            if self.prompt.is_match(clean.trim_end_matches('\n')) {
+            let last = clean.rsplit('\n').next().unwrap_or("");
+            if !last.is_empty() && self.prompt.is_match(last) {
                 return Ok(());
             }
             match ch.wait().await {

@@ -97,9 +97,10 @@ impl Slot {
     }
 
     /// Changes the status (and reason); returns the previous status.
-    /// Sets status and reason; the previous status, and whether a reason
-    /// appeared where there was none (worth publishing even without a
-    /// status change: why an `initializing` workload does not come up).
+    /// Sets status and reason; the previous status, and whether the reason
+    /// changed in substance (worth publishing even without a status change:
+    /// why an `initializing` workload does not come up, and when that cause
+    /// changes — but not once per retry).
     pub(crate) fn set_status(&self, status: Status, reason: Option<String>) -> (Status, bool) {
         let now = SystemTime::now();
         let mut g = self.lock();
@@ -107,7 +108,18 @@ impl Slot {
         if prev != status {
             g.since = now;
         }
-        let new_reason = g.reason.is_none() && reason.is_some();
+        // A new reason, or one that says something else (not only another
+        // attempt number or retry delay): worth a state write.
+        let digitless = |r: &str| {
+            r.chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect::<String>()
+        };
+        let new_reason = match (g.reason.as_deref(), reason.as_deref()) {
+            (None, Some(_)) => true,
+            (Some(old), Some(new)) => digitless(old) != digitless(new),
+            _ => false,
+        };
         g.status = status;
         g.reason = reason.map(String::into_boxed_str);
         g.updated = now;

@@ -206,6 +206,8 @@ impl Tls {
             );
         };
         std::fs::write(dir.0.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        // X.509 v3 (rustls refuses v1 certificates, its own client one too).
+        std::fs::write(dir.0.join("client-ext"), "extendedKeyUsage=clientAuth\n").unwrap();
         run(&[
             "req",
             "-x509",
@@ -250,6 +252,36 @@ impl Tls {
             "-extfile",
             "ext",
         ]);
+        // A client certificate from the same CA (for mutual TLS).
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=ottomato-node",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client-ext",
+        ]);
         Tls { dir }
     }
 
@@ -261,6 +293,12 @@ impl Tls {
 /// httpbin (the well-known HTTP test service) under gunicorn on `port`,
 /// with TLS when given.
 pub fn httpbin(port: u16, tls: Option<&Tls>) -> Peer {
+    httpbin_with(port, tls, false)
+}
+
+/// [`httpbin`]; with `client_certs`, TLS clients must present a
+/// certificate signed by the CA (mutual TLS).
+pub fn httpbin_with(port: u16, tls: Option<&Tls>, client_certs: bool) -> Peer {
     ensure_pip("httpbin==0.10.4", "httpbin");
     ensure_pip("gunicorn", "gunicorn");
     let mut cmd = Command::new("python3");
@@ -271,6 +309,10 @@ pub fn httpbin(port: u16, tls: Option<&Tls>) -> Peer {
             .arg(t.path("server.pem"))
             .arg("--keyfile")
             .arg(t.path("server.key"));
+        if client_certs {
+            cmd.args(["--cert-reqs", "2", "--ca-certs"])
+                .arg(t.path("ca.pem"));
+        }
     }
     cmd.arg("httpbin:app");
     Peer::start("httpbin", cmd, port)
