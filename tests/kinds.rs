@@ -363,6 +363,17 @@ async fn http_over_tls_with_named_credentials_against_httpbin() {
     assert_eq!(code, "timeout", "{msg}");
     plain.signal("CONT");
     ok(op, "gw-bearer", "get", json!({"path": "/get"})).await;
+
+    // A server that goes away and comes back: unreachable, then running by itself.
+    drop(plain);
+    let rec = wait_status(op, "gw-bearer", "unreachable", 30).await;
+    assert!(
+        rec["reason"].as_str().unwrap_or("").contains("unreachable"),
+        "{rec}"
+    );
+    let _plain = peers::httpbin(plain_port, None);
+    wait_status(op, "gw-bearer", "running", 60).await;
+    ok(op, "gw-bearer", "get", json!({"path": "/bearer"})).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,6 +697,17 @@ async fn snmp_v2c_and_v3_get_walk_set_poll_against_net_snmp() {
     let (code, msg) = fails(op, "sw-v2c", "get", location.clone()).await;
     assert_eq!(code, "timeout", "{msg}");
     agent.signal("CONT");
+    ok(op, "sw-v2c", "get", location.clone()).await;
+
+    // An agent that goes away and comes back: unreachable, then running by itself.
+    drop(agent);
+    let rec = wait_status(op, "sw-v2c", "unreachable", 30).await;
+    assert!(
+        rec["reason"].as_str().unwrap_or("").contains("timeout"),
+        "{rec}"
+    );
+    let _agent = peers::snmpd(port);
+    wait_status(op, "sw-v2c", "running", 60).await;
     ok(op, "sw-v2c", "get", location).await;
 }
 
@@ -778,6 +800,14 @@ async fn ssh_exec_and_interactive_send_with_a_pinned_host_key_against_openssh() 
         (r["return"]["stdout"] == "back\n").then_some(())
     })
     .await;
+
+    // The server goes away and comes back (same key): unreachable, then
+    // running again by itself, on a fresh session.
+    drop(server);
+    wait_status(op, "srv-1", "unreachable", 30).await;
+    let server = peers::sshd(port, &keys, "host_a");
+    wait_status(op, "srv-1", "running", 60).await;
+    ok(op, "srv-1", "exec", json!({"command": "true"})).await;
 
     // The server comes back with another host key: never accepted.
     drop(server);
