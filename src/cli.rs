@@ -164,6 +164,9 @@ struct NodeArgs {
     /// from the environment. Secrets never go in specs.
     #[arg(long, env = "OTTOMATO_CREDENTIALS")]
     credentials: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off when not given.
+    #[arg(long, env = "OTTOMATO_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Node settings as written in a `--config` TOML file.
@@ -199,6 +202,7 @@ struct NodeFile {
     max_moves: Option<u32>,
     drain_timeout: Option<String>,
     credentials: Option<std::path::PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The effective node settings: flags > environment > file > defaults.
@@ -242,6 +246,7 @@ struct NodeSettings {
     #[serde(with = "human")]
     drain_timeout: Duration,
     credentials: Option<std::path::PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 mod human {
@@ -338,6 +343,7 @@ fn resolve(conn: &commands::Conn, a: &NodeArgs) -> anyhow::Result<NodeSettings> 
         max_moves: a.max_moves.or(file.max_moves).unwrap_or(2),
         drain_timeout: dur(a.drain_timeout, &file.drain_timeout, "drain_timeout", "60s")?,
         credentials: a.credentials.clone().or(file.credentials),
+        metrics_addr: a.metrics_addr.or(file.metrics_addr),
     })
 }
 
@@ -445,10 +451,36 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
     let cluster = Cluster::start(
         builder,
         Arc::new(NatsStore::new(client.clone())),
-        Arc::new(NatsTransport::new(client)),
+        Arc::new(NatsTransport::new(client.clone())),
         cfg,
     )
     .await?;
+    let _metrics = match st.metrics_addr {
+        Some(addr) => {
+            let registry = crate::metrics::registry(cluster.node().clone(), Some(client.clone()));
+            let (bound, task) = crate::metrics::serve(addr, registry)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+            println!("metrics at http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    // NATS service discovery: a node without the permission still runs.
+    let _service = match crate::nats::register_service(
+        &client,
+        cluster.node(),
+        &Subjects::new(&st.prefix),
+        st.zone.as_deref(),
+    )
+    .await
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS service discovery ($SRV) not available");
+            None
+        }
+    };
     println!(
         "node {} joined the cluster at {}",
         cluster.node().id(),

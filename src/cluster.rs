@@ -1854,6 +1854,11 @@ impl Coordinator {
     }
 
     fn publish_cluster_event(&mut self, id: &str, event: &'static str, reason: &str) {
+        match event {
+            "claimed" => self.node.count_claim(),
+            "released" => self.node.count_release(),
+            _ => {}
+        }
         let v = serde_json::json!({
             "event": event, "workload": id, "node": self.me, "reason": reason,
         });

@@ -23,6 +23,8 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod kinds;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod nats;
 pub mod node;
 pub mod spec;

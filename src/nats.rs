@@ -688,3 +688,67 @@ impl Transport for NatsTransport {
         Ok(sub.map(|m| from_nats(&m)).boxed())
     }
 }
+
+/// Registers a node as a NATS micro service (`$SRV.PING|INFO|STATS`, name
+/// `ottomato`), so `nats micro ls/info/stats` and any NATS client find and
+/// inspect nodes. INFO's metadata carries the node id, zone, prefix and
+/// kinds; STATS' endpoint data carries the node id, zone and workloads by
+/// status, read when asked. One endpoint, `<prefix>.node.<node-id>.status`,
+/// answers the same as JSON.
+pub async fn register_service(
+    client: &async_nats::Client,
+    node: &crate::Node,
+    subjects: &crate::subjects::Subjects,
+    zone: Option<&str>,
+) -> Result<async_nats::service::Service, String> {
+    use async_nats::service::ServiceExt;
+    use futures::StreamExt;
+
+    let status = {
+        let node = node.clone();
+        let zone = zone.map(str::to_string);
+        move || {
+            let by: std::collections::BTreeMap<&str, usize> = node
+                .count_by_status()
+                .into_iter()
+                .map(|(s, n)| (s.as_str(), n))
+                .collect();
+            serde_json::json!({
+                "nodeId": node.id(),
+                "zone": zone,
+                "workloads": node.len(),
+                "byStatus": by,
+                "leaseRemainingMs": node.lease_remaining().map(|d| d.as_millis() as u64),
+            })
+        }
+    };
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("node_id".to_string(), node.id().to_string());
+    metadata.insert("zone".to_string(), zone.unwrap_or("").to_string());
+    metadata.insert("prefix".to_string(), subjects.prefix().to_string());
+    metadata.insert("kinds".to_string(), node.kind_names().join(","));
+    let stats = status.clone();
+    let service = client
+        .service_builder()
+        .description(format!("Ottomato worker node {}", node.id()))
+        .metadata(metadata)
+        .stats_handler(move |_endpoint, _| stats())
+        .start("ottomato", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| format!("NATS service registration: {e}"))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("status")
+        // Each node answers its own subject: no queue group sharing.
+        .queue_group(format!("ottomato-{}", node.id()))
+        .add(subjects.node_status(node.id()))
+        .await
+        .map_err(|e| format!("NATS service endpoint: {e}"))?;
+    tokio::spawn(async move {
+        while let Some(req) = endpoint.next().await {
+            let body = serde_json::to_vec(&status()).unwrap_or_default();
+            let _ = req.respond(Ok(body.into())).await;
+        }
+    });
+    Ok(service)
+}

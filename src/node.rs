@@ -34,6 +34,7 @@ use crate::subjects::Subjects;
 use crate::transport::{MemoryTransport, RequestHandler, Transport};
 use crate::wire::{ErrorCode, Task, TaskResult};
 
+pub mod counters;
 mod guard;
 mod health;
 mod serve;
@@ -76,6 +77,8 @@ pub(crate) struct Shared {
     shutting_down: AtomicBool,
     /// Until when this node may do device work (unlimited in embedded mode).
     pub(crate) lease: guard::Lease,
+    /// What the node counted (tasks, pings, inits, claims…), for metrics.
+    pub(crate) counters: counters::Counters,
 }
 
 impl Shared {
@@ -147,6 +150,7 @@ impl Shared {
                 return;
             }
             g.fenced = Some(reason.clone().into_boxed_str());
+            counters::Counters::inc(&self.counters.fences);
             let was = g.deleting;
             g.deleting = true;
             (was, g.actor.clone())
@@ -254,6 +258,7 @@ impl Shared {
             Ok(v) => (true, v, None, None),
             Err((code, msg)) => (false, serde_json::Value::Null, Some(msg), Some(code)),
         };
+        self.counters.task_done(error_code, elapsed);
         TaskResult {
             // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` makes
             // a getrandom syscall per call, measurable at 50k tasks/s.
@@ -522,6 +527,7 @@ impl Node {
     /// acknowledged heartbeat plus the TTL, minus a margin).
     pub(crate) fn renew_lease(&self, until: Instant) {
         self.shared.lease.renew(until);
+        counters::Counters::inc(&self.shared.counters.lease_renewals);
     }
 
     /// Ends the lease now: every device call in flight is cancelled at its
@@ -653,6 +659,37 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// What the node counted since it started (tasks, pings, inits, claims…).
+    pub fn counters(&self) -> counters::Snapshot {
+        self.shared.counters.snapshot()
+    }
+
+    pub(crate) fn count_claim(&self) {
+        counters::Counters::inc(&self.shared.counters.claims);
+    }
+
+    pub(crate) fn count_release(&self) {
+        counters::Counters::inc(&self.shared.counters.releases);
+    }
+
+    /// Time left on the lease (cluster mode); `None` when unlimited (embedded).
+    pub fn lease_remaining(&self) -> Option<std::time::Duration> {
+        self.shared
+            .lease
+            .until()
+            .map(|u| u.saturating_duration_since(Instant::now()))
+    }
+
+    /// Workloads by (status, kind): what the metrics export (bounded labels).
+    pub fn count_by_status_and_kind(&self) -> HashMap<(Status, String), usize> {
+        let mut out: HashMap<(Status, String), usize> = HashMap::new();
+        for slot in self.shared.registry().values() {
+            *out.entry((slot.status(), slot.spec.kind.clone()))
+                .or_default() += 1;
+        }
+        out
     }
 
     /// How many workloads are in each status (cheaper than `workloads()`).
@@ -925,6 +962,7 @@ impl NodeBuilder {
             supervisor: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             lease: guard::Lease::unlimited(),
+            counters: Default::default(),
         });
         let _ = shared.writer.set(state_writer::spawn(
             Arc::downgrade(&shared),

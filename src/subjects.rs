@@ -84,6 +84,12 @@ impl Subjects {
         format!("{}.fanout", self.prefix)
     }
 
+    /// `<prefix>.node.<node-id>.status`: a node's status (its NATS micro
+    /// service endpoint).
+    pub fn node_status(&self, node: &str) -> String {
+        format!("{}.node.{}.status", self.prefix, node)
+    }
+
     /// `<prefix>.events.<workload-id>.<event>`: lifecycle events.
     pub fn event(&self, workload: &str, event: &str) -> String {
         format!("{}.events.{}.{}", self.prefix, workload, event)

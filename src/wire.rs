@@ -48,6 +48,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::NotFound,
+        ErrorCode::Busy,
+        ErrorCode::DeadlineExceeded,
+        ErrorCode::UnknownCommand,
+        ErrorCode::InvalidArgs,
+        ErrorCode::TaskFailed,
+        ErrorCode::Panicked,
+        ErrorCode::Unavailable,
+        ErrorCode::MalformedRequest,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::Timeout,
+        ErrorCode::Unreachable,
+        ErrorCode::AuthFailed,
+        ErrorCode::DeviceError,
+    ];
+
+    /// Its position in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The wire name (`"busy"`).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -375,6 +375,29 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
     assert_eq!(code, 0);
     assert!(out.contains("\"running\""), "{out}");
 
+    // The watcher finds the node through NATS service discovery and reads
+    // its status (the node may subscribe to $SRV and its status subject).
+    let watcher =
+        async_nats::ConnectOptions::with_user_and_password("watcher".into(), "wpw".into())
+            .connect(&url)
+            .await
+            .unwrap();
+    let ping = eventually(20, "the node answers $SRV.PING", || async {
+        let m = watcher
+            .request("$SRV.PING.ottomato", Bytes::new())
+            .await
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&m.payload).ok()
+    })
+    .await;
+    assert_eq!(ping["name"], "ottomato", "{ping}");
+    let m = watcher
+        .request("otto.node.n1.status", Bytes::new())
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(status["nodeId"], "n1", "{status}");
+
     // The operator can't write state; the watcher can't add workloads.
     let nc = async_nats::ConnectOptions::with_user_and_password("op".into(), "opw".into())
         .connect(&url)

@@ -180,6 +180,7 @@ impl Actor for Supervisor {
                             Some(format!("restarted after: {cause}")),
                         );
                         state.shared.status_changed(&slot);
+                        super::counters::Counters::inc(&state.shared.counters.restarts);
                         state.shared.events.emit(Event::Restarted {
                             workload: slot.id.clone(),
                             restarts,

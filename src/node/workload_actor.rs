@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::counters::Counters;
 use super::guard::{guarded, Guarded, LEASE_LOST};
 use super::slot::Slot;
 use super::Shared;
@@ -336,6 +337,12 @@ impl WorkloadState {
             self.finish_if_idle(myself);
             return Ok(());
         }
+        if !matches!(r, Guarded::Cancelled(_)) {
+            Counters::inc(&self.shared.counters.inits);
+            if !matches!(r, Guarded::Done(Ok(()))) {
+                Counters::inc(&self.shared.counters.init_failures);
+            }
+        }
         let error = match r {
             Guarded::Done(Ok(())) => {
                 self.phase = Phase::Ready;
@@ -414,6 +421,10 @@ impl WorkloadState {
             return Ok(()); // says nothing about the device
         }
         self.slot.lock().last_ping = Some(std::time::SystemTime::now());
+        Counters::inc(&self.shared.counters.pings);
+        if !matches!(r, Guarded::Done(Ok(()))) {
+            Counters::inc(&self.shared.counters.ping_failures);
+        }
         let error = match r {
             Guarded::Done(Ok(())) => {
                 self.ping_failures = 0;

@@ -1,0 +1,240 @@
+//! Prometheus metrics of a node: `ottomato node --metrics-addr 127.0.0.1:9464`
+//! serves `GET /metrics` (OpenMetrics text, encoded by `prometheus-client`).
+//!
+//! Everything is read at scrape time from the node's atomic counters
+//! (`node::counters`) and its workload table; labels are bounded (status,
+//! kind, task outcome), never a workload id, so 100 000 workloads give the
+//! same handful of series as ten.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::node::counters::LATENCY_BUCKETS;
+use crate::{Node, Status};
+
+/// Reads a node at scrape time.
+pub struct NodeCollector {
+    node: Node,
+    nats: Option<async_nats::Client>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCollector")
+            .field("node", &self.node.id())
+            .finish()
+    }
+}
+
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.node.counters();
+        let kinds = self.node.kind_names();
+        // Workloads by status and kind: every pair, zeros included, so a
+        // series never disappears when its last workload leaves.
+        let by = self.node.count_by_status_and_kind();
+        {
+            let mut m = e.encode_descriptor(
+                "ottomato_workloads",
+                "Workloads on this node by status and kind",
+                None,
+                MetricType::Gauge,
+            )?;
+            for status in Status::ALL {
+                for kind in &kinds {
+                    let n = by.get(&(status, kind.to_string())).copied().unwrap_or(0);
+                    let labels = [("status", status.as_str()), ("kind", kind.as_str())];
+                    ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "ottomato_tasks",
+                "Tasks answered, by outcome (ok or the error code)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, n) in &c.tasks {
+                let labels = [("outcome", *outcome)];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let m = e.encode_descriptor(
+                "ottomato_task_duration_seconds",
+                "Device time of answered tasks",
+                None,
+                MetricType::Histogram,
+            )?;
+            let count = c.latency_buckets.last().copied().unwrap_or(0);
+            let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+            let mut prev = 0;
+            for (i, le) in LATENCY_BUCKETS.iter().chain([f64::MAX].iter()).enumerate() {
+                // encode_histogram takes per-bucket counts, not cumulative ones.
+                let cum = c.latency_buckets[i];
+                buckets.push((
+                    if *le == f64::MAX { f64::INFINITY } else { *le },
+                    cum - prev,
+                ));
+                prev = cum;
+            }
+            let mut m = m;
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                c.latency_sum,
+                count,
+                &buckets,
+                None,
+            )?;
+        }
+        counter(&mut e, "ottomato_pings", "Pings run", c.pings)?;
+        counter(
+            &mut e,
+            "ottomato_ping_failures",
+            "Pings that failed",
+            c.ping_failures,
+        )?;
+        counter(&mut e, "ottomato_inits", "Init attempts", c.inits)?;
+        counter(
+            &mut e,
+            "ottomato_init_failures",
+            "Init attempts that failed",
+            c.init_failures,
+        )?;
+        counter(
+            &mut e,
+            "ottomato_restarts",
+            "Workload actors restarted by the supervisor",
+            c.restarts,
+        )?;
+        counter(
+            &mut e,
+            "ottomato_claims",
+            "Workloads claimed (cluster mode)",
+            c.claims,
+        )?;
+        counter(
+            &mut e,
+            "ottomato_releases",
+            "Workloads released to another node (cluster mode)",
+            c.releases,
+        )?;
+        counter(
+            &mut e,
+            "ottomato_fences",
+            "Workloads fenced (claim or lease lost)",
+            c.fences,
+        )?;
+        counter(
+            &mut e,
+            "ottomato_lease_renewals",
+            "Lease renewals (acknowledged heartbeats)",
+            c.lease_renewals,
+        )?;
+        if let Some(left) = self.node.lease_remaining() {
+            gauge(
+                &mut e,
+                "ottomato_lease_remaining_seconds",
+                "Time left before this node must stop touching devices",
+                left.as_secs_f64(),
+            )?;
+        }
+        if let Some(nats) = &self.nats {
+            let up = matches!(
+                nats.connection_state(),
+                async_nats::connection::State::Connected
+            );
+            gauge(
+                &mut e,
+                "ottomato_nats_connected",
+                "1 while the node is connected to NATS",
+                if up { 1.0 } else { 0.0 },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics of `node` (and of its NATS connection, if given), encoded
+/// as OpenMetrics text.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// A registry with the node's collector.
+pub fn registry(node: Node, nats: Option<async_nats::Client>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(NodeCollector { node, nats }));
+    r
+}
+
+/// Serves `GET /metrics` on `addr` until the returned task is aborted.
+/// Fails at once when the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let registry = Arc::new(registry);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let registry = registry.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    hyper::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(render(&registry))))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                        };
+                        Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((bound, task))
+}
