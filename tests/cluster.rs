@@ -1033,6 +1033,54 @@ fn docker_compose_describes_a_real_topology_with_real_cli_options() {
         );
     }
     assert_eq!(zones.len(), 2, "two zones: {zones:?}");
+    // Prometheus scrapes exactly the workers, on the port each serves.
+    let prom: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    let mut targets: Vec<String> =
+        serde_yaml::from_value(prom["scrape_configs"][0]["static_configs"][0]["targets"].clone())
+            .unwrap();
+    targets.sort();
+    let mut expected: Vec<String> = workers
+        .iter()
+        .map(|w| {
+            let c = cmd(w);
+            let addr = c
+                .iter()
+                .position(|a| a == "--metrics-addr")
+                .map(|i| c[i + 1].clone())
+                .unwrap_or_else(|| panic!("{w}: no --metrics-addr"));
+            format!("{w}:{}", addr.rsplit(':').next().unwrap())
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(targets, expected);
+    // The Grafana dashboard queries only metrics a node exports.
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/grafana/dashboards/ottomato.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let exported = std::fs::read_to_string(format!("{root}/src/metrics.rs")).unwrap();
+    let mut queried = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("ottomato_"))
+            {
+                let base = name.trim_end_matches("_total").trim_end_matches("_bucket");
+                assert!(
+                    exported.contains(&format!("\"{base}\"")),
+                    "dashboard queries {name}, which no node exports"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried}");
     // The loader imports 10 000 devices with the real import command.
     let loader: Vec<String> = cmd("loader");
     let script = loader.join(" ");
