@@ -51,6 +51,8 @@ pub(crate) enum BenchCommand {
     Memory(Opts),
     /// A task to every workload by selection vs as many raw echo requests.
     Fanout(Opts),
+    /// Task throughput with /metrics served and scraped every second vs without.
+    Metrics(Opts),
     /// N real SNMP agents (one snmpd on N UDP ports) polled through the engine vs a bare async-snmp loop.
     #[command(after_help = "Example:\n  ottomato bench snmp --devices 10000")]
     Snmp {
@@ -278,9 +280,14 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::ScaleOut(o) => cluster::run(&[Scenario::ScaleOut], &o).await,
         BenchCommand::Memory(o) => cluster::run(&[Scenario::Memory], &o).await,
         BenchCommand::Fanout(o) => cluster::run(&[Scenario::Fanout], &o).await,
+        BenchCommand::Metrics(o) => cluster::run(&[Scenario::Metrics], &o).await,
         BenchCommand::All(o) => {
             use Scenario::*;
-            cluster::run(&[Tasks, Claims, Failover, ScaleOut, Memory, Fanout], &o).await
+            cluster::run(
+                &[Tasks, Claims, Failover, ScaleOut, Memory, Fanout, Metrics],
+                &o,
+            )
+            .await
         }
         BenchCommand::EchoResponder { server, prefix, n } => {
             cluster::echo_responder(&server, &prefix, n).await

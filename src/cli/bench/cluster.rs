@@ -51,15 +51,16 @@ pub(crate) enum Scenario {
     ScaleOut,
     Memory,
     Fanout,
+    Metrics,
 }
 
 impl Scenario {
     fn size(self, quick: bool) -> usize {
         match (self, quick) {
-            (Scenario::Tasks, false) => 10_000,
+            (Scenario::Tasks, false) | (Scenario::Metrics, false) => 10_000,
             (Scenario::Claims, false) | (Scenario::Memory, false) => 100_000,
             (_, false) => 30_000,
-            (Scenario::Tasks, true) => 1_000,
+            (Scenario::Tasks, true) | (Scenario::Metrics, true) => 1_000,
             // Fewer makes the per-process fixed costs dominate the ratio.
             (Scenario::Memory, true) => 20_000,
             (_, true) => 3_000,
@@ -67,7 +68,7 @@ impl Scenario {
     }
     fn rounds(self, quick: bool) -> usize {
         match self {
-            Scenario::Tasks | Scenario::Fanout if !quick => 3,
+            Scenario::Tasks | Scenario::Fanout | Scenario::Metrics if !quick => 3,
             Scenario::Claims if !quick => 2,
             _ => 1,
         }
@@ -120,6 +121,7 @@ pub(crate) async fn run(scenarios: &[Scenario], opts: &Opts) -> anyhow::Result<(
             Scenario::ScaleOut => scale_out(n).await?,
             Scenario::Memory => memory(n).await?,
             Scenario::Fanout => fanout(n, rounds).await?,
+            Scenario::Metrics => metrics_cost(n, rounds, opts).await?,
         };
         eprintln!("== {s:?} done in {:.0} s", t.elapsed().as_secs_f64());
         print_table(&got);
@@ -633,6 +635,106 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
         }
     }
     Ok(rows)
+}
+
+/// Task throughput of a node serving `/metrics`, scraped every second, against
+/// the same node without, each on its own nats-server, rounds alternated.
+async fn metrics_cost(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>> {
+    let dur = opts.duration.unwrap_or(if opts.quick {
+        Duration::from_millis(700)
+    } else {
+        Duration::from_secs(3)
+    });
+    let (nats_off, nats_on) = (Nats::start()?, Nats::start()?);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let _off = nats_off.node("node-1", &[])?;
+    let _on = nats_on.node("node-1", &["--metrics-addr", &addr])?;
+    for nats in [&nats_off, &nats_on] {
+        let w = Watcher::connect(&nats.url).await?;
+        w.wait_nodes(1).await?;
+        w.fill(n, serde_json::json!({})).await?;
+    }
+    // A Prometheus stand-in: scrape every second, like a tight scrape_interval.
+    let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scraper = {
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = s
+                        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .await;
+                    let mut body = Vec::new();
+                    if s.read_to_end(&mut body).await.is_ok() && body.starts_with(b"HTTP/1.1 200") {
+                        scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let nc_off = async_nats::connect(&nats_off.url).await?;
+    let nc_on = async_nats::connect(&nats_on.url).await?;
+    let subjects: Arc<Vec<String>> =
+        Arc::new((0..n).map(|i| format!("otto.task.dev-{i}")).collect());
+    let payload = Bytes::from(serde_json::to_vec(&echo_request())?);
+    let conc = 64;
+    let warm = Duration::from_millis(200);
+    load(
+        &nc_off,
+        &subjects,
+        payload.clone(),
+        false,
+        conc,
+        warm,
+        check_ours,
+    )
+    .await;
+    load(
+        &nc_on,
+        &subjects,
+        payload.clone(),
+        false,
+        conc,
+        warm,
+        check_ours,
+    )
+    .await;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        progress(&format!(
+            "metrics on/off, {conc} in flight, round {}/{rounds}",
+            r + 1
+        ));
+        for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let nc = if side == 0 { &nc_off } else { &nc_on };
+            let l = load(nc, &subjects, payload.clone(), false, conc, dur, check_ours).await;
+            if side == 0 {
+                off.push(l.rate)
+            } else {
+                on.push(l.rate)
+            }
+        }
+    }
+    scraper.abort();
+    let scraped = scrapes.load(std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(scraped > 0, "the metrics endpoint was never scraped");
+    let (ro, rf) = (median(on), median(off));
+    Ok(vec![Row {
+        scenario: "metrics: task throughput".into(),
+        params: format!(
+            "json, {conc} in flight, {n} workloads, /metrics scraped every 1 s ({scraped} scrapes)"
+        ),
+        ours: format!("{ro:.0}/s (metrics on)"),
+        baseline: format!("{rf:.0}/s (metrics off)"),
+        ratio: format!("{:.2}×", ro / rf),
+        target: "≥ 0.95×".into(),
+        verdict: verdict(ro / rf >= 0.95),
+    }])
 }
 
 /// The hidden `bench echo-responder`: replies to every request with its payload.
