@@ -230,6 +230,24 @@ async fn modbus_reads_decodes_writes_and_reports_exceptions_and_outages_against_
     )
     .await;
     assert_eq!(code, "invalid_args");
+    // Past the protocol's per-request limits: refused before anything is sent.
+    let (code, msg) = fails(
+        op,
+        "plc-1",
+        "read_holding_registers",
+        json!({"address": 0, "count": 126}),
+    )
+    .await;
+    assert_eq!(code, "invalid_args", "{msg}");
+    assert!(msg.contains("125"), "{msg}");
+    let (code, _) = fails(
+        op,
+        "plc-1",
+        "write_multiple_registers",
+        json!({"address": 0, "values": vec![1; 124]}),
+    )
+    .await;
+    assert_eq!(code, "invalid_args");
 
     // A peer that stops answering: the call times out, the node stays up.
     peer.signal("STOP");

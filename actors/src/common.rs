@@ -60,7 +60,12 @@ pub(crate) enum NetError {
     Timeout(String),
     Unreachable(String),
     Auth(String),
-    Device { code: String, message: String },
+    Device {
+        code: String,
+        message: String,
+    },
+    /// The task's arguments are wrong (found while building the request).
+    InvalidArgs(String),
     Other(String),
 }
 
@@ -85,6 +90,7 @@ impl From<NetError> for TaskError {
             NetError::Unreachable(m) => TaskError::Unreachable(m),
             NetError::Auth(m) => TaskError::AuthFailed(m),
             NetError::Device { code, message } => TaskError::Device { code, message },
+            NetError::InvalidArgs(m) => TaskError::InvalidArgs(m),
             NetError::Other(m) => TaskError::Failed(m),
         }
     }
@@ -97,7 +103,7 @@ impl From<NetError> for WorkloadError {
             NetError::Unreachable(m) => format!("unreachable: {m}"),
             NetError::Auth(m) => format!("auth_failed: {m}"),
             NetError::Device { code, message } => format!("device_error: {code}: {message}"),
-            NetError::Other(m) => m,
+            NetError::InvalidArgs(m) | NetError::Other(m) => m,
         })
     }
 }

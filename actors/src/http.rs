@@ -258,7 +258,11 @@ impl HttpWorkload {
         let what = format!("{method} {url}");
         let mut req = client.request(method, &url);
         for (k, v) in self.cfg.headers.iter().chain(&args.headers) {
-            req = req.header(k, v);
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| NetError::InvalidArgs(format!("header name {k:?} is not valid")))?;
+            let value = reqwest::header::HeaderValue::from_str(v)
+                .map_err(|_| NetError::InvalidArgs(format!("header {k:?}: value is not valid")))?;
+            req = req.header(name, value);
         }
         if !args.query.is_empty() {
             let q: Vec<(String, String)> = args

@@ -169,6 +169,28 @@ const fn one() -> u16 {
     1
 }
 
+/// The Modbus limits per request (application protocol spec, 6.1–6.12).
+const MAX_READ_BITS: usize = 2000;
+const MAX_READ_WORDS: usize = 125;
+const MAX_WRITE_BITS: usize = 1968;
+const MAX_WRITE_WORDS: usize = 123;
+
+/// `invalid_args` unless `1 ≤ n ≤ max` and the range stays in the 65 536 addresses.
+fn check_count(what: &str, address: u16, n: usize, max: usize) -> Result<(), TaskError> {
+    if n == 0 || n > max {
+        return Err(TaskError::InvalidArgs(format!(
+            "{what}: {n} items; Modbus allows 1 to {max} per request"
+        )));
+    }
+    if address as usize + n > 65_536 {
+        return Err(TaskError::InvalidArgs(format!(
+            "{what}: addresses {address}..{} run past 65535",
+            address as usize + n - 1
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WriteOne<T> {
@@ -191,7 +213,8 @@ struct WriteTyped {
     data_type: DataType,
     #[serde(default)]
     order: Order,
-    value: f64,
+    /// A JSON number: 64-bit integers are taken exactly, not through f64.
+    value: serde_json::Number,
 }
 
 impl Kind for ModbusKind {
@@ -275,7 +298,11 @@ fn modbus_error(what: &str, e: tokio_modbus::Error) -> NetError {
 
 impl ModbusWorkload {
     fn address(&self) -> String {
-        format!("{}:{}", self.cfg.host, self.cfg.port)
+        if self.cfg.host.contains(':') && !self.cfg.host.starts_with('[') {
+            format!("[{}]:{}", self.cfg.host, self.cfg.port)
+        } else {
+            format!("{}:{}", self.cfg.host, self.cfg.port)
+        }
     }
 
     fn limit(&self) -> Duration {
@@ -467,7 +494,10 @@ fn decode(words: &[u16], t: DataType, order: Order, scale: Option<f64>) -> Value
 }
 
 /// A typed value to registers in wire order; `None` if it does not fit the type.
-fn encode(value: f64, t: DataType, order: Order) -> Option<Vec<u16>> {
+fn encode(number: &serde_json::Number, t: DataType, order: Order) -> Option<Vec<u16>> {
+    let value = number.as_f64()?;
+    let exact_i64 = number.as_i64();
+    let exact_u64 = number.as_u64();
     let int =
         |lo: f64, hi: f64| (value.fract() == 0.0 && value >= lo && value <= hi).then_some(value);
     let mut bytes: Vec<u8> = match t {
@@ -479,10 +509,8 @@ fn encode(value: f64, t: DataType, order: Order) -> Option<Vec<u16>> {
             .to_be_bytes()
             .to_vec(),
         DataType::Uint32 => (int(0.0, u32::MAX as f64)? as u32).to_be_bytes().to_vec(),
-        DataType::Int64 => (int(i64::MIN as f64, i64::MAX as f64)? as i64)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::Uint64 => (int(0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
+        DataType::Int64 => exact_i64?.to_be_bytes().to_vec(),
+        DataType::Uint64 => exact_u64?.to_be_bytes().to_vec(),
         DataType::Float32 => (value as f32).to_be_bytes().to_vec(),
         DataType::Float64 => value.to_be_bytes().to_vec(),
     };
@@ -534,6 +562,7 @@ impl Workload for ModbusWorkload {
                 } else {
                     Register::Discrete
                 };
+                check_count(&task.command, a.address, a.count as usize, MAX_READ_BITS)?;
                 json!({"values": self.read_bits(reg, a.address, a.count).await?})
             }
             "read_holding_registers" | "read_input_registers" => {
@@ -543,6 +572,7 @@ impl Workload for ModbusWorkload {
                 } else {
                     Register::Input
                 };
+                check_count(&task.command, a.address, a.count as usize, MAX_READ_WORDS)?;
                 json!({"values": self.read_words(reg, a.address, a.count).await?})
             }
             "write_single_coil" => {
@@ -556,6 +586,7 @@ impl Workload for ModbusWorkload {
             "write_multiple_coils" => {
                 let a: WriteMany<bool> = parse_kwargs(k)?;
                 let n = a.values.len();
+                check_count(&task.command, a.address, n, MAX_WRITE_BITS)?;
                 self.call("write multiple coils", move |c| {
                     Box::pin(async move { c.write_multiple_coils(a.address, &a.values).await })
                 })
@@ -573,6 +604,7 @@ impl Workload for ModbusWorkload {
             "write_multiple_registers" => {
                 let a: WriteMany<u16> = parse_kwargs(k)?;
                 let n = a.values.len();
+                check_count(&task.command, a.address, n, MAX_WRITE_WORDS)?;
                 self.call("write multiple registers", move |c| {
                     Box::pin(async move { c.write_multiple_registers(a.address, &a.values).await })
                 })
@@ -590,7 +622,7 @@ impl Workload for ModbusWorkload {
             }
             "write" => {
                 let a: WriteTyped = parse_kwargs(k)?;
-                let words = encode(a.value, a.data_type, a.order).ok_or_else(|| {
+                let words = encode(&a.value, a.data_type, a.order).ok_or_else(|| {
                     TaskError::InvalidArgs(format!(
                         "value {} does not fit {:?}",
                         a.value, a.data_type
@@ -640,23 +672,31 @@ impl Workload for ModbusWorkload {
 mod tests {
     use super::*;
 
+    fn num(v: f64) -> serde_json::Number {
+        if v.fract() == 0.0 {
+            serde_json::Number::from(v as i64)
+        } else {
+            serde_json::Number::from_f64(v).unwrap()
+        }
+    }
+
     #[test]
     fn every_order_round_trips_and_matches_its_wire_layout() {
         // 0x3F800000 = 1.0f32: ABCD on the wire is [0x3F80, 0x0000].
         assert_eq!(
-            encode(1.0, DataType::Float32, Order::ABCD),
+            encode(&num(1.0), DataType::Float32, Order::ABCD),
             Some(vec![0x3F80, 0])
         );
         assert_eq!(
-            encode(1.0, DataType::Float32, Order::CDAB),
+            encode(&num(1.0), DataType::Float32, Order::CDAB),
             Some(vec![0, 0x3F80])
         );
         assert_eq!(
-            encode(1.0, DataType::Float32, Order::BADC),
+            encode(&num(1.0), DataType::Float32, Order::BADC),
             Some(vec![0x803F, 0])
         );
         assert_eq!(
-            encode(1.0, DataType::Float32, Order::DCBA),
+            encode(&num(1.0), DataType::Float32, Order::DCBA),
             Some(vec![0, 0x803F])
         );
         for t in [
@@ -666,7 +706,7 @@ mod tests {
             DataType::Float64,
         ] {
             for o in [Order::ABCD, Order::DCBA, Order::BADC, Order::CDAB] {
-                let w = encode(-1234.0, t, o).unwrap();
+                let w = encode(&num(-1234.0), t, o).unwrap();
                 assert_eq!(w.len(), t.words() as usize);
                 assert_eq!(
                     decode(&w, t, o, None).as_f64(),
@@ -675,8 +715,15 @@ mod tests {
                 );
             }
         }
-        assert_eq!(encode(70000.0, DataType::Uint16, Order::ABCD), None);
-        assert_eq!(encode(1.5, DataType::Int32, Order::ABCD), None);
+        assert_eq!(encode(&num(70000.0), DataType::Uint16, Order::ABCD), None);
+        assert_eq!(encode(&num(1.5), DataType::Int32, Order::ABCD), None);
+        // 64-bit integers exactly, past f64's 53 bits.
+        let big = serde_json::Number::from(9_007_199_254_740_993i64);
+        let w = encode(&big, DataType::Int64, Order::ABCD).unwrap();
+        assert_eq!(
+            decode(&w, DataType::Int64, Order::ABCD, None),
+            serde_json::json!(9_007_199_254_740_993i64)
+        );
         assert_eq!(
             decode(&[1000], DataType::Uint16, Order::ABCD, Some(0.1)).as_f64(),
             Some(100.0)

@@ -50,7 +50,7 @@ struct TcpWorkload {
 
 impl TcpWorkload {
     fn address(&self) -> String {
-        if self.cfg.host.contains(':') {
+        if self.cfg.host.contains(':') && !self.cfg.host.starts_with('[') {
             format!("[{}]:{}", self.cfg.host, self.cfg.port)
         } else {
             format!("{}:{}", self.cfg.host, self.cfg.port)
