@@ -183,6 +183,7 @@ struct NodeFile {
     tls_ca: Option<std::path::PathBuf>,
     tls_cert: Option<std::path::PathBuf>,
     tls_key: Option<std::path::PathBuf>,
+    inbox_prefix: Option<String>,
     node_id: Option<String>,
     zone: Option<String>,
     #[serde(default)]
@@ -218,6 +219,7 @@ struct NodeSettings {
     tls_ca: Option<std::path::PathBuf>,
     tls_cert: Option<std::path::PathBuf>,
     tls_key: Option<std::path::PathBuf>,
+    inbox_prefix: Option<String>,
     node_id: Option<String>,
     zone: Option<String>,
     labels: std::collections::BTreeMap<String, String>,
@@ -302,6 +304,7 @@ fn resolve(conn: &commands::Conn, a: &NodeArgs) -> anyhow::Result<NodeSettings> 
         tls_ca: c.tls_ca.or(file.tls_ca),
         tls_cert: c.tls_cert.or(file.tls_cert),
         tls_key: c.tls_key.or(file.tls_key),
+        inbox_prefix: c.inbox_prefix.or(file.inbox_prefix),
         node_id: a.node_id.clone().or(file.node_id),
         zone: a.zone.clone().or(file.zone),
         labels,
@@ -358,6 +361,7 @@ impl NodeSettings {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
         }
     }
 

@@ -40,6 +40,27 @@ pub struct Auth {
     pub tls_cert: Option<std::path::PathBuf>,
     /// Client key.
     pub tls_key: Option<std::path::PathBuf>,
+    /// Prefix of this client's reply inboxes (`_INBOX.alice`: replies
+    /// arrive on `_INBOX.alice.<id>`), so NATS permissions can give each user
+    /// its own inboxes only. `None`: the NATS default `_INBOX`.
+    pub inbox_prefix: Option<String>,
+}
+
+/// Checks an inbox prefix: NATS subject tokens, no wildcards.
+pub fn validate_inbox_prefix(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "inbox prefix {p:?}: dot-separated tokens of letters, digits, '_' and '-' (e.g. _INBOX.alice)"
+        ))
+    }
 }
 
 impl std::fmt::Debug for Auth {
@@ -54,6 +75,7 @@ impl std::fmt::Debug for Auth {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -72,6 +94,10 @@ impl Auth {
         }
         if let Some(t) = &self.token {
             o = o.token(t.clone());
+        }
+        if let Some(p) = &self.inbox_prefix {
+            validate_inbox_prefix(p)?;
+            o = o.custom_inbox_prefix(p.clone());
         }
         if let Some(path) = &self.nkey_file {
             let seed = std::fs::read_to_string(path)

@@ -334,9 +334,23 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
         &url,
         "n1",
         &logs.0,
-        &["--user", "node", "--password", "npw"],
+        &[
+            "--user",
+            "node",
+            "--password",
+            "npw",
+            "--inbox-prefix",
+            "_INBOX.node",
+        ],
     );
-    let op = ["--user", "op", "--password", "opw"];
+    let op = [
+        "--user",
+        "op",
+        "--password",
+        "opw",
+        "--inbox-prefix",
+        "_INBOX.operator",
+    ];
     let run = |args: Vec<&'static str>| {
         let url = url.clone();
         tokio::task::spawn_blocking(move || support::cli(&url, &args))
@@ -366,6 +380,8 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
         "watcher",
         "--password",
         "wpw",
+        "--inbox-prefix",
+        "_INBOX.watcher",
         "workload",
         "ls",
         "--json",
@@ -377,11 +393,46 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
 
     // The watcher finds the node through NATS service discovery and reads
     // its status (the node may subscribe to $SRV and its status subject).
+    let (denied_tx, mut denied) = tokio::sync::mpsc::unbounded_channel::<String>();
     let watcher =
         async_nats::ConnectOptions::with_user_and_password("watcher".into(), "wpw".into())
+            .custom_inbox_prefix("_INBOX.watcher")
+            .event_callback(move |e| {
+                let tx = denied_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(err) = e {
+                        let _ = tx.send(err.to_string());
+                    }
+                }
+            })
             .connect(&url)
             .await
             .unwrap();
+    // The watcher may not listen on the operator's inboxes: the server
+    // refuses the subscription, and nothing of the operator's arrives.
+    let mut spy = watcher.subscribe("_INBOX.operator.>").await.unwrap();
+    let refusal = tokio::time::timeout(Duration::from_secs(5), denied.recv())
+        .await
+        .expect("the server refuses the watcher's subscription to the operator's inboxes")
+        .unwrap();
+    assert!(
+        refusal.to_lowercase().contains("permissions violation")
+            && refusal.contains("_INBOX.operator"),
+        "{refusal}"
+    );
+    let (code, _, err) = run([&op[..], &["task", "run", "w1", "hello"]].concat())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut spy)
+        )
+        .await
+        .map_or(true, |m| m.is_none()),
+        "the watcher read an operator's task reply"
+    );
     let ping = eventually(20, "the node answers $SRV.PING", || async {
         let m = watcher
             .request("$SRV.PING.ottomato", Bytes::new())
@@ -400,6 +451,7 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
 
     // The operator can't write state; the watcher can't add workloads.
     let nc = async_nats::ConnectOptions::with_user_and_password("op".into(), "opw".into())
+        .custom_inbox_prefix("_INBOX.operator")
         .connect(&url)
         .await
         .unwrap();
@@ -415,6 +467,8 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
         "watcher",
         "--password",
         "wpw",
+        "--inbox-prefix",
+        "_INBOX.watcher",
         "workload",
         "add",
         "w2",

@@ -47,6 +47,10 @@ pub(crate) struct Conn {
     /// Client key for TLS.
     #[arg(long, env = "NATS_KEY", global = true)]
     pub(crate) tls_key: Option<std::path::PathBuf>,
+    /// Prefix of this client's reply inboxes, e.g. _INBOX.alice (NATS
+    /// permissions can then give each user only its own inboxes) [default: _INBOX].
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
+    pub(crate) inbox_prefix: Option<String>,
 }
 
 impl Conn {
@@ -60,6 +64,7 @@ impl Conn {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
         }
     }
 
