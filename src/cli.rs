@@ -92,6 +92,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the recommended NATS permissions of a role (nats-server config),
+    /// for this prefix and the user's inbox prefix (`--inbox-prefix`, default
+    /// `_INBOX.<role>`). The same lists as subjects.md.
+    #[command(
+        after_help = "Examples:\n  ottomato permissions --role operator --inbox-prefix _INBOX.alice\n  ottomato permissions --role node --prefix site7"
+    )]
+    Permissions {
+        /// node, operator or watcher.
+        #[arg(long)]
+        role: crate::subjects::Role,
+    },
     /// Benchmarks that print ratios against a raw baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -629,5 +640,28 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         Command::Watch { glob } => commands::watch(&cli.conn, glob).await,
         Command::Status { json } => commands::status(&cli.conn, json).await,
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Permissions { role } => {
+            let prefix = cli.conn.prefix.as_deref().unwrap_or("otto");
+            crate::subjects::Subjects::validate_prefix(prefix).map_err(anyhow::Error::msg)?;
+            let inbox = match &cli.conn.inbox_prefix {
+                Some(p) => {
+                    crate::nats::validate_inbox_prefix(p).map_err(anyhow::Error::msg)?;
+                    p.clone()
+                }
+                None => format!(
+                    "_INBOX.{}",
+                    match role {
+                        crate::subjects::Role::Node => "node",
+                        crate::subjects::Role::Operator => "operator",
+                        crate::subjects::Role::Watcher => "watcher",
+                    }
+                ),
+            };
+            print!(
+                "{}",
+                crate::subjects::Subjects::new(prefix).permissions_conf(role, &inbox)
+            );
+            Ok(())
+        }
     }
 }

@@ -180,3 +180,109 @@ mod tests {
         assert!(Subjects::validate_prefix("a.b").is_err());
     }
 }
+
+/// A role of the recommended NATS permissions (`subjects.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A worker node: writes state and membership, creates the buckets.
+    Node,
+    /// An operator: writes specs, runs tasks, reads state and events.
+    Operator,
+    /// A read-only watcher: state, events and node discovery only.
+    Watcher,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "node" => Ok(Role::Node),
+            "operator" => Ok(Role::Operator),
+            "watcher" => Ok(Role::Watcher),
+            other => Err(format!("role {other:?}: one of node, operator, watcher")),
+        }
+    }
+}
+
+impl Subjects {
+    /// The recommended NATS permissions of `role` (publish, subscribe), for
+    /// a client whose reply inboxes start with `inbox` (`_INBOX.alice`).
+    /// `subjects.md` lists the same for the default prefix; a test holds
+    /// them equal, another loads them into a nats-server.
+    pub fn permissions(&self, role: Role, inbox: &str) -> (Vec<String>, Vec<String>) {
+        let p = &self.prefix;
+        let buckets = [
+            self.workloads_bucket(),
+            self.nodes_bucket(),
+            self.state_bucket(),
+        ];
+        // Reading a bucket: info, gets, and the watch's ordered consumer.
+        let read = |b: &str| {
+            vec![
+                format!("$JS.API.STREAM.INFO.KV_{b}"),
+                format!("$JS.API.STREAM.MSG.GET.KV_{b}"),
+                format!("$JS.API.DIRECT.GET.KV_{b}.>"),
+                format!("$JS.API.CONSUMER.CREATE.KV_{b}"),
+                format!("$JS.API.CONSUMER.CREATE.KV_{b}.>"),
+                format!("$JS.API.CONSUMER.DELETE.KV_{b}.>"),
+            ]
+        };
+        let mut publish: Vec<String> = Vec::new();
+        let mut subscribe: Vec<String> = Vec::new();
+        match role {
+            Role::Node => {
+                publish.push(format!("$KV.{}.>", self.state_bucket()));
+                publish.push(format!("$KV.{}.>", self.nodes_bucket()));
+                publish.push(self.events_wildcard());
+                publish.push("_INBOX.>".into());
+                publish.extend(["$JS.FC.>".to_string(), "$JS.API.INFO".to_string()]);
+                for b in &buckets {
+                    publish.push(format!("$JS.API.STREAM.CREATE.KV_{b}"));
+                }
+                for b in &buckets {
+                    publish.push(format!("$JS.API.STREAM.UPDATE.KV_{b}"));
+                }
+                for b in &buckets {
+                    publish.extend(read(b));
+                }
+                subscribe.extend([
+                    self.task_wildcard(),
+                    self.fanout(),
+                    format!("{inbox}.>"),
+                    "$SRV.>".to_string(),
+                    format!("{p}.node.*.status"),
+                ]);
+            }
+            Role::Operator | Role::Watcher => {
+                if role == Role::Operator {
+                    publish.push(format!("$KV.{}.>", self.workloads_bucket()));
+                    publish.push(self.task_wildcard());
+                    publish.push(self.fanout());
+                }
+                publish.extend(["$JS.FC.>".to_string(), "$JS.API.INFO".to_string()]);
+                for b in &buckets {
+                    publish.extend(read(b));
+                }
+                publish.extend(["$SRV.>".to_string(), format!("{p}.node.*.status")]);
+                subscribe.extend([format!("{inbox}.>"), self.events_wildcard()]);
+            }
+        }
+        (publish, subscribe)
+    }
+
+    /// [`Subjects::permissions`] as a nats-server `permissions` block.
+    pub fn permissions_conf(&self, role: Role, inbox: &str) -> String {
+        let (p, s) = self.permissions(role, inbox);
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|x| format!("      {x:?}"))
+                .collect::<Vec<_>>()
+                .join(",\n")
+        };
+        format!(
+            "permissions: {{\n  publish: {{\n    allow: [\n{}\n    ]\n  }}\n  subscribe: {{\n    allow: [\n{}\n    ]\n  }}\n}}\n",
+            list(&p),
+            list(&s)
+        )
+    }
+}

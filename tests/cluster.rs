@@ -1167,3 +1167,73 @@ async fn watch_prints_one_line_per_state_change() {
     let _ = watch.wait();
     node.stop().await;
 }
+
+/// The lists of a role's ```text block in subjects.md (publish, subscribe).
+fn doc_permissions(doc: &str, role: &str) -> (Vec<String>, Vec<String>) {
+    let block = doc
+        .split(&format!("**{role}**"))
+        .nth(1)
+        .and_then(|s| s.split("```text").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("role block in subjects.md");
+    let (mut publish, mut subscribe) = (vec![], vec![]);
+    let mut current = &mut publish;
+    for line in block.lines().map(str::trim) {
+        match line {
+            "publish:" => current = &mut publish,
+            "subscribe:" => current = &mut subscribe,
+            _ => current.extend(line.split_whitespace().map(str::to_string)),
+        }
+    }
+    (publish, subscribe)
+}
+
+#[test]
+fn permissions_command_prints_what_subjects_md_recommends() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/subjects.md")).unwrap();
+    for (role, title) in [
+        ("node", "Worker node"),
+        ("operator", "Operator client"),
+        ("watcher", "Read-only watcher"),
+    ] {
+        let (code, out, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", role]);
+        assert_eq!(code, 0, "{err}");
+        let (publish, subscribe) = out.split_once("subscribe:").expect("two lists");
+        let quoted = |s: &str| -> std::collections::BTreeSet<String> {
+            s.split('"')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        };
+        let (dp, ds) = doc_permissions(&doc, title);
+        assert_eq!(quoted(publish), dp.into_iter().collect(), "{role}: publish");
+        assert_eq!(
+            quoted(subscribe),
+            ds.into_iter().collect(),
+            "{role}: subscribe"
+        );
+    }
+    // Another prefix and a user's own inboxes.
+    let (code, out, _) = support::cli(
+        "nats://127.0.0.1:1",
+        &[
+            "--prefix",
+            "site7",
+            "--inbox-prefix",
+            "_INBOX.alice",
+            "permissions",
+            "--role",
+            "operator",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\"site7.task.*\"") && out.contains("\"_INBOX.alice.>\""),
+        "{out}"
+    );
+    assert!(!out.contains("otto"), "{out}");
+    let (code, _, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", "admin"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("node, operator, watcher"), "{err}");
+}
