@@ -463,6 +463,15 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
         max_moves: st.max_moves,
         ..Default::default()
     };
+    // Bound before joining: a taken port stops the node before it claims anything.
+    let metrics_listener = match st.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let cluster = Cluster::start(
         builder,
         Arc::new(NatsStore::new(client.clone())),
@@ -470,12 +479,11 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
         cfg,
     )
     .await?;
-    let _metrics = match st.metrics_addr {
-        Some(addr) => {
+    let _metrics = match metrics_listener {
+        Some(listener) => {
             let registry = crate::metrics::registry(cluster.node().clone(), Some(client.clone()));
-            let (bound, task) = crate::metrics::serve(addr, registry)
-                .await
-                .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+            let bound = listener.local_addr()?;
+            let task = crate::metrics::serve(listener, registry);
             println!("metrics at http://{bound}/metrics");
             Some(task)
         }
@@ -657,6 +665,10 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
                     }
                 ),
             };
+            println!(
+                "# NATS permissions of the {role:?} role for prefix {prefix}: start this user's \
+                 clients with --inbox-prefix {inbox} (env NATS_INBOX_PREFIX), one prefix per user"
+            );
             print!(
                 "{}",
                 crate::subjects::Subjects::new(prefix).permissions_conf(role, &inbox)

@@ -6,7 +6,6 @@
 //! kind, task outcome), never a workload id, so 100 000 workloads give the
 //! same handful of series as ten.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -196,22 +195,32 @@ pub fn registry(node: Node, nats: Option<async_nats::Client>) -> Registry {
     r
 }
 
-/// Serves `GET /metrics` on `addr` until the returned task is aborted.
-/// Fails at once when the address cannot be bound.
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Registry,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+/// Connections served at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `GET /metrics` on `listener` until the returned task is aborted.
+/// A connection that sends no request within 10 s is closed; at most
+/// [`MAX_CONNECTIONS`] are served at once; a failing `accept` (out of file
+/// descriptors) is logged and retried after a pause, not in a loop.
+pub fn serve(listener: tokio::net::TcpListener, registry: Registry) -> tokio::task::JoinHandle<()> {
     let registry = Arc::new(registry);
-    let task = tokio::spawn(async move {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
+                }
             };
             let registry = registry.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let registry = registry.clone();
                     async move {
@@ -231,10 +240,11 @@ pub async fn serve(
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
             });
         }
-    });
-    Ok((bound, task))
+    })
 }

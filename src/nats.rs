@@ -46,9 +46,11 @@ pub struct Auth {
     pub inbox_prefix: Option<String>,
 }
 
-/// Checks an inbox prefix: NATS subject tokens, no wildcards.
+/// Checks an inbox prefix: `_INBOX.<user>[.<more>]` — under `_INBOX.` so
+/// nodes may reply to it (their permission is `publish: _INBOX.>`), and
+/// with a token of its own so permissions can keep it private.
 pub fn validate_inbox_prefix(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty()
+    let ok = p.starts_with("_INBOX.")
         && p.split('.').all(|t| {
             !t.is_empty()
                 && t.chars()
@@ -58,7 +60,9 @@ pub fn validate_inbox_prefix(p: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "inbox prefix {p:?}: dot-separated tokens of letters, digits, '_' and '-' (e.g. _INBOX.alice)"
+            "inbox prefix {p:?}: _INBOX. and a token of your own, letters, digits, '_' and '-' \
+             (e.g. _INBOX.alice): nodes reply only under _INBOX., and a prefix of its own \
+             keeps your replies yours"
         ))
     }
 }
@@ -766,7 +770,9 @@ pub async fn register_service(
         .endpoint_builder()
         .name("status")
         // Each node answers its own subject: no queue group sharing.
-        .queue_group(format!("ottomato-{}", node.id()))
+        // Per process: a stale process under the same id never takes the
+        // requests of the live one.
+        .queue_group(format!("ottomato-{}-{}", node.id(), node.incarnation()))
         .add(subjects.node_status(node.id()))
         .await
         .map_err(|e| format!("NATS service endpoint: {e}"))?;

@@ -1236,4 +1236,13 @@ fn permissions_command_prints_what_subjects_md_recommends() {
     let (code, _, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", "admin"]);
     assert_ne!(code, 0);
     assert!(err.contains("node, operator, watcher"), "{err}");
+    // Prefixes that would share inboxes, or that nodes could not reply to.
+    for bad in ["_INBOX", "alice", "otto", "_INBOX.*"] {
+        let (code, _, err) = support::cli(
+            "nats://127.0.0.1:1",
+            &["--inbox-prefix", bad, "permissions", "--role", "operator"],
+        );
+        assert_ne!(code, 0, "{bad}");
+        assert!(err.contains("_INBOX.alice"), "{bad}: {err}");
+    }
 }

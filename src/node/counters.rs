@@ -68,9 +68,14 @@ fn add(c: &AtomicU64) {
 }
 
 impl Counters {
-    /// A task was answered (any outcome); `elapsed`: the device's time.
+    /// A task was answered (any outcome); `elapsed`: the device's time,
+    /// zero for a task refused before it reached the device (those are
+    /// counted, but kept out of the latency histogram).
     pub(crate) fn task_done(&self, code: Option<ErrorCode>, elapsed: Duration) {
         add(&self.tasks[code.map_or(0, |c| c.index() + 1)]);
+        if elapsed.is_zero() {
+            return;
+        }
         let s = elapsed.as_secs_f64();
         let b = LATENCY_BUCKETS
             .iter()
@@ -83,6 +88,16 @@ impl Counters {
 
     pub(crate) fn inc(c: &AtomicU64) {
         add(c);
+    }
+
+    /// A task counted with outcome `from` was answered as `to` after all
+    /// (a result too large to send), or (`to: None`) not answered by this
+    /// node at all (a fan-out result left to its owner).
+    pub(crate) fn recount(&self, from: Option<ErrorCode>, to: Option<ErrorCode>) {
+        self.tasks[from.map_or(0, |c| c.index() + 1)].fetch_sub(1, Ordering::Relaxed);
+        if let Some(to) = to {
+            add(&self.tasks[to.index() + 1]);
+        }
     }
 
     /// Reads every counter.

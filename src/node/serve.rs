@@ -102,6 +102,9 @@ pub(crate) fn fit(
     let size = message_size(&message);
     match shared.transport.max_message() {
         Some(max) if size > max => {
+            shared
+                .counters
+                .recount(result.error_code, Some(ErrorCode::PayloadTooLarge));
             let mut r = result.clone();
             r.args = Vec::new();
             r.kwargs = Default::default();
@@ -235,7 +238,9 @@ impl RequestHandler for FanoutServer {
                             )
                             && !shared.owns(shared.slot(&r.workload).as_ref());
                         if not_ours {
-                            continue; // not sure we own it: its owner answers
+                            // Not sure we own it: its owner answers (and counts it).
+                            shared.counters.recount(r.error_code, None);
+                            continue;
                         }
                         let m = fit(&shared, &r, encode(&r, false), false);
                         send(m.payload.to_vec()).await;
