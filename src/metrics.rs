@@ -111,6 +111,18 @@ impl Collector for NodeCollector {
                 None,
             )?;
         }
+        gauge(
+            &mut e,
+            "ottomato_tasks_queued",
+            "Tasks waiting in workloads' queues",
+            c.queued as f64,
+        )?;
+        gauge(
+            &mut e,
+            "ottomato_state_writer_backlog",
+            "Workloads whose state record waits to be written",
+            c.writer_backlog as f64,
+        )?;
         counter(&mut e, "ottomato_pings", "Pings run", c.pings)?;
         counter(
             &mut e,

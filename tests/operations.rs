@@ -137,6 +137,29 @@ async fn a_nodes_metrics_count_what_it_did_and_parse_as_openmetrics() {
     assert_eq!(get("ottomato_nats_connected{}"), 1.0);
     assert!(get("ottomato_lease_remaining_seconds{}") > 0.0);
     assert!(get("ottomato_lease_renewals_total{}") >= 1.0);
+    assert_eq!(get("ottomato_tasks_queued{}"), 0.0);
+    // Three slow tasks on one workload (one at a time): two wait in its queue.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let client = op.client.clone();
+        slow.push(tokio::spawn(async move {
+            let req = async_nats::Request::new()
+                .payload(Bytes::from(r#"{"command":"sleep","kwargs":{"ms":1500}}"#))
+                .timeout(Some(Duration::from_secs(15)));
+            client.send_request("otto.task.ok-1", req).await.map(|_| ())
+        }));
+    }
+    eventually(10, "two tasks queued", || async {
+        let m = parse(&scrape(port));
+        (m.get("ottomato_tasks_queued{}") == Some(&2.0)).then_some(())
+    })
+    .await;
+    for t in slow {
+        t.await.unwrap().unwrap();
+    }
+    let m = parse(&scrape(port));
+    assert_eq!(m.get("ottomato_tasks_queued{}"), Some(&0.0));
+    assert!(get("ottomato_state_writer_backlog{}") >= 0.0);
     // Bounded labels: no series carries a workload id.
     assert!(
         m.keys()

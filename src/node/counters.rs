@@ -3,7 +3,7 @@
 //! (`crate::metrics`) at scrape time. No per-workload state: 100 000
 //! workloads cost nothing here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::wire::ErrorCode;
@@ -32,6 +32,10 @@ pub struct Counters {
     pub(crate) claims: AtomicU64,
     pub(crate) releases: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
+    /// Tasks waiting in workloads' queues (not yet on the device).
+    queued: AtomicI64,
+    /// Workloads whose state waits to be written (queued or in flight).
+    pub(crate) writer_backlog: AtomicI64,
 }
 
 /// A read of [`Counters`].
@@ -61,6 +65,10 @@ pub struct Snapshot {
     pub releases: u64,
     /// Lease renewals (cluster mode: acknowledged heartbeats).
     pub lease_renewals: u64,
+    /// Tasks waiting in workloads' queues.
+    pub queued: i64,
+    /// Workloads whose state record waits to be written.
+    pub writer_backlog: i64,
 }
 
 fn add(c: &AtomicU64) {
@@ -84,6 +92,10 @@ impl Counters {
         add(&self.latency[b]);
         self.latency_sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn queued_delta(&self, d: i64) {
+        self.queued.fetch_add(d, Ordering::Relaxed);
     }
 
     pub(crate) fn inc(c: &AtomicU64) {
@@ -129,6 +141,8 @@ impl Counters {
             claims: get(&self.claims),
             releases: get(&self.releases),
             lease_renewals: get(&self.lease_renewals),
+            queued: self.queued.load(Ordering::Relaxed).max(0),
+            writer_backlog: self.writer_backlog.load(Ordering::Relaxed).max(0),
         }
     }
 }

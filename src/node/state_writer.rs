@@ -373,6 +373,14 @@ pub(crate) fn spawn(
                 Some((id, d)) = w.in_flight.next(), if !w.in_flight.is_empty() => w.done(id, d),
             }
             w.answer_flushes();
+            if let Some(sh) = w.shared.upgrade() {
+                // Keys with writes queued or in flight (an in-flight key may
+                // keep an empty queue entry: max, not sum).
+                let backlog = w.queues.len().max(w.in_flight.len()) as i64;
+                sh.counters
+                    .writer_backlog
+                    .store(backlog, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     });
     tx

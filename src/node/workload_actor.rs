@@ -190,6 +190,8 @@ pub(crate) struct WorkloadState {
     ping_in_flight: bool,
     ping_failures: u32,
     queue: VecDeque<QueuedTask>,
+    /// The queue length last added to the node's queue-depth gauge.
+    reported_queue: usize,
     running: u32,
     /// The device's `stop` is running.
     stop_in_flight: bool,
@@ -636,12 +638,27 @@ impl WorkloadState {
     }
 }
 
+impl WorkloadState {
+    /// Brings the node's queue-depth gauge in line with this queue.
+    fn sync_queue_depth(&mut self) {
+        let now = self.queue.len();
+        if now != self.reported_queue {
+            self.shared
+                .counters
+                .queued_delta(now as i64 - self.reported_queue as i64);
+            self.reported_queue = now;
+        }
+    }
+}
+
 impl Drop for WorkloadState {
     /// However the actor ends — even killed with its supervisor — no call
     /// of its instance goes on: each ends at its next poll.
     fn drop(&mut self) {
         self.cancel.cancel();
         self.stop_cancel.cancel();
+        self.queue.clear();
+        self.sync_queue_depth();
     }
 }
 
@@ -682,6 +699,7 @@ impl Actor for WorkloadActor {
             ping_in_flight: false,
             ping_failures: 0,
             queue: VecDeque::new(),
+            reported_queue: 0,
             running: 0,
             stop_in_flight: false,
             stop_cancel: CancellationToken::new(),
@@ -739,8 +757,13 @@ impl Actor for WorkloadActor {
                 }
             }
             WorkloadMsg::Stop => state.start_stop(&myself, Ending::Release),
-            WorkloadMsg::StopDone(r) => return state.on_stop_done(&myself, r),
+            WorkloadMsg::StopDone(r) => {
+                let r = state.on_stop_done(&myself, r);
+                state.sync_queue_depth();
+                return r;
+            }
         }
+        state.sync_queue_depth();
         Ok(())
     }
 }
