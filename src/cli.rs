@@ -426,6 +426,12 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
         return Ok(());
     }
     Subjects::validate_prefix(&st.prefix).map_err(anyhow::Error::msg)?;
+    if let Some(id) = &st.node_id {
+        // One subject token (`<prefix>.node.<id>.status`) and one KV key.
+        crate::spec::validate_id(id).map_err(|e| {
+            anyhow::anyhow!("--node-id {id:?}: {}", e.replace("workload id", "node id"))
+        })?;
+    }
     if let Some(path) = &st.credentials {
         let n = kinds
             .credentials()

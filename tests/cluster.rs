@@ -1246,3 +1246,14 @@ fn permissions_command_prints_what_subjects_md_recommends() {
         assert!(err.contains("_INBOX.alice"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn a_node_id_that_is_not_one_subject_token_is_refused_before_connecting() {
+    let (code, _, err) = support::cli("nats://127.0.0.1:1", &["node", "--node-id", "rack1.n3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--node-id \"rack1.n3\"") && err.contains("node id"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

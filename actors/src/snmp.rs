@@ -19,7 +19,8 @@
 //! aes128 aes192 aes256` (AES-192/256 with Blumenthal key extension, as
 //! net-snmp does).
 //!
-//! All workloads of a node share one UDP socket (responses are matched by
+//! All workloads of a node share one UDP socket per address family (IPv6
+//! literal hosts get the second one; responses are matched by
 //! request id): 100 000 agents need one file descriptor, not 100 000.
 //!
 //! - `init` builds the client and reads `sysUpTime.0`; `ping` reads it again.
@@ -62,6 +63,7 @@ const SYS_UPTIME: &str = "1.3.6.1.2.1.1.3.0";
 pub struct SnmpKind {
     credentials: Credentials,
     socket: Arc<OnceCell<UdpTransport>>,
+    socket6: Arc<OnceCell<UdpTransport>>,
 }
 
 impl std::fmt::Debug for SnmpKind {
@@ -76,6 +78,7 @@ impl SnmpKind {
         SnmpKind {
             credentials,
             socket: Arc::default(),
+            socket6: Arc::default(),
         }
     }
 }
@@ -336,10 +339,16 @@ impl Kind for SnmpKind {
         check(&cfg)?;
         let cred = self.credentials.resolve("snmp", &cfg.credentials)?;
         let auth = auth(&cfg, &cred)?;
+        // An IPv6 literal needs an IPv6 socket.
+        let socket = if cfg.host.contains(':') {
+            self.socket6.clone()
+        } else {
+            self.socket.clone()
+        };
         Ok(Arc::new(SnmpWorkload {
             cfg,
             auth,
-            socket: self.socket.clone(),
+            socket,
             client: OnceCell::new(),
         }))
     }
@@ -500,7 +509,12 @@ impl SnmpWorkload {
                 let socket = self
                     .socket
                     .get_or_try_init(|| async {
-                        UdpTransport::bind("0.0.0.0:0")
+                        let any = if self.cfg.host.contains(':') {
+                            "[::]:0"
+                        } else {
+                            "0.0.0.0:0"
+                        };
+                        UdpTransport::bind(any)
                             .await
                             .map_err(|e| NetError::Other(format!("snmp socket: {e}")))
                     })
