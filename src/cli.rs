@@ -92,6 +92,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a live fleet page (nodes, workloads by status, failing ones,
+    /// changes as they happen, search, run a task) from this binary.
+    #[command(after_help = "Example:\n  ottomato ui --listen 127.0.0.1:8080")]
+    Ui {
+        /// Address to serve the page on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the recommended NATS permissions of a role (nats-server config),
     /// for this prefix and the user's inbox prefix (`--inbox-prefix`, default
     /// `_INBOX.<role>`). The same lists as subjects.md.
@@ -654,6 +662,17 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
         Command::Watch { glob } => commands::watch(&cli.conn, glob).await,
         Command::Status { json } => commands::status(&cli.conn, json).await,
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Ui { listen } => {
+            let client = cli.conn.client().await?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
+            println!(
+                "fleet page at http://{}/ (Ctrl-C stops)",
+                listener.local_addr()?
+            );
+            crate::ui::run(client, listener, ctrl_c()).await
+        }
         Command::Permissions { role } => {
             let prefix = cli.conn.prefix.as_deref().unwrap_or("otto");
             crate::subjects::Subjects::validate_prefix(prefix).map_err(anyhow::Error::msg)?;

@@ -32,6 +32,8 @@ pub mod status;
 pub mod store;
 pub mod subjects;
 pub mod transport;
+#[cfg(feature = "cli")]
+pub mod ui;
 pub mod wire;
 
 pub use cluster::{Cluster, ClusterConfig};

@@ -68,7 +68,7 @@ impl Conn {
         }
     }
 
-    async fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         let server = self.server.as_deref().unwrap_or(DEFAULT_SERVER);
         let prefix = self.prefix.as_deref().unwrap_or("otto");
         Ok(Client::connect_with(server, prefix, &self.auth()).await?)

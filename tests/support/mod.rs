@@ -512,3 +512,13 @@ impl Operator {
         n
     }
 }
+
+/// A child process killed (and reaped) on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,472 @@
+//! `ottomato ui`: a live fleet page served from the binary (no CDN).
+//!
+//! The server connects as an operator, keeps the fleet in memory from KV
+//! watches (state) and polls (membership, specs), and aggregates there: the
+//! browser gets counts, the failing workloads (capped) and a feed of recent
+//! changes — never 100 000 rows. Updates are pushed with server-sent events.
+//!
+//! Routes: `/` the page; `/api/summary` the aggregate (JSON);
+//! `/api/stream` the same as SSE (`summary` events, debounced), plus
+//! `change` events; `/api/search?q=` up to 100 workloads whose id contains
+//! `q` or that have label `k=v`; `/api/workload/<id>` one workload;
+//! `POST /api/task` `{"id", "command", "kwargs"}` runs a task.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::client::Client;
+use crate::wire::{NodeInfo, StateRecord, TaskRequest};
+use crate::Status;
+
+const PAGE: &str = include_str!("ui/index.html");
+/// Failing workloads shipped to the page, at most.
+const MAX_FAILING: usize = 200;
+/// Recent changes kept for the feed.
+const FEED: usize = 100;
+
+#[derive(Clone, Serialize)]
+struct Row {
+    owner: String,
+    status: Status,
+    reason: Option<String>,
+    since: SystemTime,
+    kind: String,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Serialize)]
+struct Change {
+    at: SystemTime,
+    workload: String,
+    from: Option<Status>,
+    to: Option<Status>,
+    owner: String,
+    reason: Option<String>,
+}
+
+#[derive(Default)]
+struct Fleet {
+    rows: HashMap<String, Row>,
+    nodes: Vec<NodeInfo>,
+    feed: VecDeque<Change>,
+    /// Bumped on every change; the stream sends a summary when it moved.
+    version: u64,
+}
+
+impl Fleet {
+    fn apply(&mut self, id: String, rec: Option<StateRecord>) -> Option<Change> {
+        let before = self.rows.get(&id).map(|r| r.status);
+        let change = match rec {
+            Some(rec) => {
+                let row = self.rows.entry(id.clone()).or_insert_with(|| Row {
+                    owner: String::new(),
+                    status: rec.status,
+                    reason: None,
+                    since: rec.since,
+                    kind: rec.kind.clone(),
+                    labels: BTreeMap::new(),
+                });
+                row.owner = rec.owner.clone();
+                row.status = rec.status;
+                row.reason = rec.reason.clone();
+                row.since = rec.since;
+                if !rec.kind.is_empty() {
+                    row.kind = rec.kind.clone();
+                }
+                (before != Some(rec.status)).then(|| Change {
+                    at: SystemTime::now(),
+                    workload: id,
+                    from: before,
+                    to: Some(rec.status),
+                    owner: rec.owner,
+                    reason: rec.reason,
+                })
+            }
+            None => self.rows.remove(&id).map(|r| Change {
+                at: SystemTime::now(),
+                workload: id,
+                from: Some(r.status),
+                to: None,
+                owner: r.owner,
+                reason: None,
+            }),
+        };
+        self.version += 1;
+        if let Some(c) = &change {
+            self.feed.push_front(c.clone());
+            self.feed.truncate(FEED);
+        }
+        change
+    }
+
+    fn summary(&self) -> Value {
+        let live: std::collections::HashSet<&str> =
+            self.nodes.iter().map(|n| n.id.as_str()).collect();
+        let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut per_node: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+        let mut per_zone: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
+        let zone_of: HashMap<&str, &str> = self
+            .nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.zone.as_deref().unwrap_or("-")))
+            .collect();
+        let mut orphaned = 0;
+        let mut failing: Vec<(&String, &Row)> = Vec::new();
+        for (id, r) in &self.rows {
+            let s = r.status.as_str();
+            *by_status.entry(s).or_default() += 1;
+            *per_node
+                .entry(r.owner.as_str())
+                .or_default()
+                .entry(s)
+                .or_default() += 1;
+            let zone = zone_of.get(r.owner.as_str()).copied().unwrap_or("-");
+            *per_zone
+                .entry(zone.to_string())
+                .or_default()
+                .entry(s)
+                .or_default() += 1;
+            if !r.owner.is_empty() && !live.contains(r.owner.as_str()) {
+                orphaned += 1;
+            }
+            if matches!(
+                r.status,
+                Status::Unreachable | Status::Dead | Status::Failed | Status::Unplaceable
+            ) || (r.status == Status::Initializing && r.reason.is_some())
+            {
+                failing.push((id, r));
+            }
+        }
+        failing.sort_by(|a, b| a.1.since.cmp(&b.1.since).then(a.0.cmp(b.0)));
+        let failing_total = failing.len();
+        let failing: Vec<Value> = failing
+            .into_iter()
+            .take(MAX_FAILING)
+            .map(|(id, r)| json!({"id": id, "row": r}))
+            .collect();
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id, "zone": n.zone, "load": n.load, "capacity": n.capacity,
+                    "draining": n.draining, "version": n.version,
+                    "workloads": per_node.get(n.id.as_str()),
+                })
+            })
+            .collect();
+        json!({
+            "total": self.rows.len(),
+            "byStatus": by_status,
+            "nodes": nodes,
+            "zones": per_zone,
+            "orphaned": orphaned,
+            "failing": failing,
+            "failingTotal": failing_total,
+            "feed": self.feed.iter().take(30).collect::<Vec<_>>(),
+        })
+    }
+}
+
+type Shared = Arc<(Mutex<Fleet>, broadcast::Sender<Change>, Client)>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Fleet> {
+    s.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Loads the fleet, keeps it current, and serves the page on `listener`
+/// until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (tx, _) = broadcast::channel(1024);
+    let shared: Shared = Arc::new((Mutex::new(Fleet::default()), tx, client));
+    refresh(&shared).await?;
+    // State changes, live.
+    let mut watch = shared.2.watch_state().await?;
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some((id, rec)) = watch.next().await {
+                let change = lock(&shared).apply(id, rec);
+                if let Some(c) = change {
+                    let _ = shared.1.send(c);
+                }
+            }
+        });
+    }
+    // Membership every second (nodes expire by TTL); specs (kinds, labels)
+    // and a full resync every 30 s.
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                n += 1;
+                if n % 30 == 0 {
+                    let _ = refresh(&shared).await;
+                } else if let Ok(nodes) = shared.2.nodes().await {
+                    let mut f = lock(&shared);
+                    let changed = nodes
+                        .iter()
+                        .map(|n| (&n.id, n.load, n.draining))
+                        .ne(f.nodes.iter().map(|n| (&n.id, n.load, n.draining)));
+                    f.nodes = nodes;
+                    if changed {
+                        f.version += 1;
+                    }
+                }
+            }
+        });
+    }
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| route(shared.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => {}
+    }
+    Ok(())
+}
+
+async fn refresh(shared: &Shared) -> anyhow::Result<()> {
+    let views = shared.2.workloads().await?;
+    let nodes = shared.2.nodes().await?;
+    let mut f = lock(shared);
+    f.nodes = nodes;
+    let mut rows = HashMap::with_capacity(views.len());
+    for v in views {
+        let Some(st) = v.state else { continue };
+        let (kind, labels) = v
+            .spec
+            .map(|s| (s.kind, s.labels))
+            .unwrap_or_else(|| (st.kind.clone(), BTreeMap::new()));
+        rows.insert(
+            v.id,
+            Row {
+                owner: st.owner,
+                status: st.status,
+                reason: st.reason,
+                since: st.since,
+                kind,
+                labels,
+            },
+        );
+    }
+    f.rows = rows;
+    f.version += 1;
+    Ok(())
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, ctype)
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(body.into()).boxed())
+        .expect("valid response")
+}
+
+fn json_response(v: &Value) -> Response<Body> {
+    full(StatusCode::OK, "application/json", v.to_string())
+}
+
+fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or(""), 16) {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn route(shared: Shared, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    Ok(match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/") => full(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+        (Method::GET, "/api/summary") => json_response(&lock(&shared).summary()),
+        (Method::GET, "/api/search") => {
+            let q = query_param(&req, "q").unwrap_or_default();
+            json_response(&search(&lock(&shared), q.trim()))
+        }
+        (Method::GET, p) if p.starts_with("/api/workload/") => {
+            let id = percent_decode(&p["/api/workload/".len()..]);
+            match shared.2.workload(&id).await {
+                Ok(v) => {
+                    let feed: Vec<Change> = lock(&shared)
+                        .feed
+                        .iter()
+                        .filter(|c| c.workload == id)
+                        .cloned()
+                        .collect();
+                    json_response(&json!({"workload": v, "changes": feed}))
+                }
+                Err(e) => full(StatusCode::NOT_FOUND, "text/plain", e.to_string()),
+            }
+        }
+        (Method::POST, "/api/task") => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "text/plain", "no body")),
+            };
+            run_task(&shared, &body).await
+        }
+        (Method::GET, "/api/stream") => stream(shared),
+        _ => full(StatusCode::NOT_FOUND, "text/plain", "not found"),
+    })
+}
+
+fn search(f: &Fleet, q: &str) -> Value {
+    let label = q.split_once('=');
+    let mut hits: Vec<(&String, &Row)> = f
+        .rows
+        .iter()
+        .filter(|(id, r)| match label {
+            Some((k, v)) => r.labels.get(k).is_some_and(|x| x == v),
+            None => !q.is_empty() && id.contains(q),
+        })
+        .collect();
+    hits.sort_by(|a, b| a.0.cmp(b.0));
+    let total = hits.len();
+    let rows: Vec<Value> = hits
+        .into_iter()
+        .take(100)
+        .map(|(id, r)| json!({"id": id, "row": r}))
+        .collect();
+    json!({"total": total, "rows": rows})
+}
+
+async fn run_task(shared: &Shared, body: &[u8]) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Form {
+        id: String,
+        command: String,
+        #[serde(default)]
+        kwargs: serde_json::Map<String, Value>,
+    }
+    let form: Form = match serde_json::from_slice(body) {
+        Ok(f) => f,
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("bad task: {e}"),
+            )
+        }
+    };
+    let req = TaskRequest {
+        command: form.command,
+        args: Vec::new(),
+        kwargs: form.kwargs,
+        timeout_ms: None,
+    };
+    match shared
+        .2
+        .run_task(&form.id, &req, Duration::from_secs(30))
+        .await
+    {
+        Ok(r) => json_response(&serde_json::to_value(r).unwrap_or_default()),
+        Err(e) => full(StatusCode::BAD_GATEWAY, "text/plain", e.to_string()),
+    }
+}
+
+/// Server-sent events: a `summary` when the fleet changed (at most twice a
+/// second), every `change` as it happens.
+fn stream(shared: Shared) -> Response<Body> {
+    let mut changes = shared.1.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut seen = u64::MAX;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let (version, summary) = {
+                        let f = lock(&shared);
+                        (f.version, (f.version != seen).then(|| f.summary()))
+                    };
+                    if let Some(s) = summary {
+                        seen = version;
+                        if tx.send(Bytes::from(format!("event: summary\ndata: {s}\n\n"))).await.is_err() {
+                            return;
+                        }
+                    } else if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                        return;
+                    }
+                }
+                c = changes.recv() => match c {
+                    Ok(c) => {
+                        let data = serde_json::to_string(&c).unwrap_or_default();
+                        if tx.send(Bytes::from(format!("event: change\ndata: {data}\n\n"))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream_from(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "text/event-stream")
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(BodyExt::boxed(body))
+        .expect("valid response")
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
