@@ -189,6 +189,23 @@ impl Client {
         Ok(v)
     }
 
+    /// A node's own status (its `<prefix>.node.<id>.status` endpoint):
+    /// workloads by status and the lease time left; `None` when it does not
+    /// answer within `timeout`.
+    pub async fn node_status(&self, node: &str, timeout: Duration) -> Option<serde_json::Value> {
+        use crate::transport::Transport;
+        let m = self
+            .transport
+            .request(
+                &self.subjects.node_status(node),
+                Message::new(bytes::Bytes::new()),
+                timeout,
+            )
+            .await
+            .ok()?;
+        serde_json::from_slice(&m.payload).ok()
+    }
+
     /// Runs one task; `NotFound` when no node owns the workload.
     pub async fn run_task(
         &self,

@@ -59,6 +59,9 @@ struct Change {
 struct Fleet {
     rows: HashMap<String, Row>,
     nodes: Vec<NodeInfo>,
+    /// Each node's lease time left, in ms, from its status endpoint
+    /// (`None`: it did not answer).
+    lease_ms: HashMap<String, Option<u64>>,
     feed: VecDeque<Change>,
     /// Bumped on every change; the stream sends a summary when it moved.
     version: u64,
@@ -163,6 +166,7 @@ impl Fleet {
                     "id": n.id, "zone": n.zone, "load": n.load, "capacity": n.capacity,
                     "draining": n.draining, "version": n.version,
                     "workloads": per_node.get(n.id.as_str()),
+                    "leaseMs": self.lease_ms.get(&n.id).copied().flatten(),
                 })
             })
             .collect();
@@ -220,7 +224,21 @@ pub async fn run(
                 if n % 30 == 0 {
                     let _ = refresh(&shared).await;
                 } else if let Ok(nodes) = shared.2.nodes().await {
+                    // Lease health from each node itself (a few nodes: in turn).
+                    let mut lease = HashMap::new();
+                    for n in &nodes {
+                        let st = shared
+                            .2
+                            .node_status(&n.id, Duration::from_millis(300))
+                            .await;
+                        let ms = st.and_then(|v| v["leaseRemainingMs"].as_u64());
+                        lease.insert(n.id.clone(), ms);
+                    }
                     let mut f = lock(&shared);
+                    if f.lease_ms != lease {
+                        f.lease_ms = lease;
+                        f.version += 1;
+                    }
                     let changed = nodes
                         .iter()
                         .map(|n| (&n.id, n.load, n.draining))

@@ -637,5 +637,41 @@ pub(crate) async fn status(conn: &Conn, json: bool) -> anyhow::Result<()> {
         let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  {title:<10} {}", parts.join(" "));
     }
+    // The failing ones, oldest first (as the fleet page shows them).
+    let mut failing: Vec<&WorkloadView> = workloads
+        .iter()
+        .filter(|w| {
+            w.state.as_ref().is_some_and(|s| {
+                matches!(
+                    s.status,
+                    crate::Status::Unreachable
+                        | crate::Status::Dead
+                        | crate::Status::Failed
+                        | crate::Status::Unplaceable
+                ) || (s.status == crate::Status::Initializing && s.reason.is_some())
+            })
+        })
+        .collect();
+    if !failing.is_empty() {
+        failing.sort_by_key(|w| w.state.as_ref().map(|s| s.since));
+        println!("\nfailing: {} (oldest first)", failing.len());
+        for w in failing.iter().take(10) {
+            let s = w.state.as_ref().expect("filtered");
+            println!(
+                "  {}  {}  {}  since {}  {}",
+                w.id,
+                s.status,
+                if s.owner.is_empty() { "-" } else { &s.owner },
+                short_time(s.since),
+                s.reason.as_deref().unwrap_or("")
+            );
+        }
+        if failing.len() > 10 {
+            println!(
+                "  … {} more: ottomato workload ls --status <status>",
+                failing.len() - 10
+            );
+        }
+    }
     Ok(())
 }

@@ -51,6 +51,14 @@ try:
     wait(lambda: nodes() == ["a", "b"], "two nodes listed")
     wait(lambda: "never" in text("#failing") and "simulated init failure" in text("#failing"),
          "the failing workload with its reason")
+    def leases():
+        cells = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr td:nth-child(6)")]
+        return len(cells) == 2 and all(c.endswith(" s") and float(c[:-2]) > 0 for c in cells)
+    wait(leases, "each node's lease time left")
+    # A workload's detail, from the failing list.
+    d.find_element(By.CSS_SELECTOR, '#failing a[data-id="never"]').click()
+    wait(lambda: '"kind": "sim"' in text("#detail") and "init_fail_rate" in text("#detail"),
+         "the failing workload's spec and state in its detail")
     if shot:
         d.save_screenshot(shot)
     print("READY", flush=True)
@@ -65,6 +73,7 @@ try:
     d.find_element(By.CSS_SELECTOR, "#searchForm button").click()
     wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#results tbody tr")) == 3, "three oslo workloads found")
     # Run a task from the form.
+    d.find_element(By.ID, "tid").clear()  # a click on a workload fills it in
     d.find_element(By.ID, "tid").send_keys("w-1")
     d.find_element(By.ID, "tcmd").send_keys("hello")
     d.find_element(By.CSS_SELECTOR, "#taskForm button").click()
