@@ -65,6 +65,8 @@ struct Fleet {
     feed: VecDeque<Change>,
     /// Bumped on every change; the stream sends a summary when it moved.
     version: u64,
+    /// The summary of `version`, built once for every client.
+    cached: Option<(u64, Bytes)>,
 }
 
 impl Fleet {
@@ -113,6 +115,18 @@ impl Fleet {
         change
     }
 
+    /// The summary as JSON bytes, built at most once per version.
+    fn summary_bytes(&mut self) -> Bytes {
+        if let Some((v, b)) = &self.cached {
+            if *v == self.version {
+                return b.clone();
+            }
+        }
+        let b = Bytes::from(self.summary().to_string());
+        self.cached = Some((self.version, b.clone()));
+        b
+    }
+
     fn summary(&self) -> Value {
         let live: std::collections::HashSet<&str> =
             self.nodes.iter().map(|n| n.id.as_str()).collect();
@@ -122,7 +136,7 @@ impl Fleet {
         let zone_of: HashMap<&str, &str> = self
             .nodes
             .iter()
-            .map(|n| (n.id.as_str(), n.zone.as_deref().unwrap_or("-")))
+            .map(|n| (n.id.as_str(), n.zone.as_deref().unwrap_or("(no zone)")))
             .collect();
         let mut orphaned = 0;
         let mut failing: Vec<(&String, &Row)> = Vec::new();
@@ -134,7 +148,10 @@ impl Fleet {
                 .or_default()
                 .entry(s)
                 .or_default() += 1;
-            let zone = zone_of.get(r.owner.as_str()).copied().unwrap_or("-");
+            let zone = zone_of
+                .get(r.owner.as_str())
+                .copied()
+                .unwrap_or("(no live node)");
             *per_zone
                 .entry(zone.to_string())
                 .or_default()
@@ -231,7 +248,10 @@ pub async fn run(
                             .2
                             .node_status(&n.id, Duration::from_millis(300))
                             .await;
-                        let ms = st.and_then(|v| v["leaseRemainingMs"].as_u64());
+                        // Whole seconds: a new summary per second otherwise.
+                        let ms = st
+                            .and_then(|v| v["leaseRemainingMs"].as_u64())
+                            .map(|ms| ms / 1000 * 1000);
                         lease.insert(n.id.clone(), ms);
                     }
                     let mut f = lock(&shared);
@@ -251,16 +271,24 @@ pub async fn run(
             }
         });
     }
+    let listen = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
     let accept = async {
         loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
             let shared = shared.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| route(shared.clone(), req));
+                let _permit = permit;
+                let svc = hyper::service::service_fn(move |req| route(shared.clone(), listen, req));
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
             });
@@ -273,11 +301,24 @@ pub async fn run(
     Ok(())
 }
 
+/// The first load: every workload. Later ones merge only what the state
+/// watch does not carry (kind, labels), so they never undo newer changes.
 async fn refresh(shared: &Shared) -> anyhow::Result<()> {
     let views = shared.2.workloads().await?;
     let nodes = shared.2.nodes().await?;
-    let mut f = lock(shared);
-    f.nodes = nodes;
+    let loaded = !lock(shared).rows.is_empty();
+    if loaded {
+        let mut f = lock(shared);
+        for v in views {
+            if let (Some(spec), Some(row)) = (v.spec, f.rows.get_mut(&v.id)) {
+                row.kind = spec.kind;
+                row.labels = spec.labels;
+            }
+        }
+        f.nodes = nodes;
+        f.version += 1;
+        return Ok(());
+    }
     let mut rows = HashMap::with_capacity(views.len());
     for v in views {
         let Some(st) = v.state else { continue };
@@ -297,7 +338,12 @@ async fn refresh(shared: &Shared) -> anyhow::Result<()> {
             },
         );
     }
-    f.rows = rows;
+    let mut f = lock(shared);
+    f.nodes = nodes;
+    // Changes the watch applied meanwhile are newer: keep them.
+    for (id, row) in rows {
+        f.rows.entry(id).or_insert(row);
+    }
     f.version += 1;
     Ok(())
 }
@@ -332,14 +378,13 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or(""), 16) {
-                    Ok(x) => {
-                        out.push(x);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
+            b'%' if i + 2 < b.len()
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit() =>
+            {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("ASCII hex digits");
+                out.push(u8::from_str_radix(hex, 16).expect("hex digits"));
+                i += 2;
             }
             c => out.push(c),
         }
@@ -348,11 +393,55 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn route(shared: Shared, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Largest request body accepted (a task form).
+const MAX_BODY: usize = 64 << 10;
+
+/// Refuses requests another site could make through the operator's
+/// browser: a `Host` that is not this server (DNS rebinding), an `Origin` or
+/// `Sec-Fetch-Site` from elsewhere (cross-site requests), and a task POST
+/// that is not JSON (a plain form cannot set that content type).
+fn foreign(req: &Request<Incoming>, listen: &std::net::SocketAddr) -> Option<&'static str> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header("host").unwrap_or("");
+    let host_name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let local = ["localhost", "127.0.0.1", "[::1]"].contains(&host_name)
+        || host_name == listen.ip().to_string()
+        || host == listen.to_string();
+    if !local {
+        return Some("unknown Host: open the page by the address ottomato ui printed");
+    }
+    if let Some(origin) = header("origin") {
+        let ok = origin.strip_prefix("http://").is_some_and(|o| o == host);
+        if !ok {
+            return Some("cross-origin request refused");
+        }
+    }
+    if header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none") {
+        return Some("cross-site request refused");
+    }
+    if req.method() == Method::POST
+        && !header("content-type").is_some_and(|c| c.starts_with("application/json"))
+    {
+        return Some("POST bodies must be application/json");
+    }
+    None
+}
+
+async fn route(
+    shared: Shared,
+    listen: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if let Some(why) = foreign(&req, &listen) {
+        return Ok(full(StatusCode::FORBIDDEN, "text/plain", why));
+    }
     let path = req.uri().path().to_string();
     Ok(match (req.method().clone(), path.as_str()) {
         (Method::GET, "/") => full(StatusCode::OK, "text/html; charset=utf-8", PAGE),
-        (Method::GET, "/api/summary") => json_response(&lock(&shared).summary()),
+        (Method::GET, "/api/summary") => {
+            let body = lock(&shared).summary_bytes();
+            full(StatusCode::OK, "application/json", body)
+        }
         (Method::GET, "/api/search") => {
             let q = query_param(&req, "q").unwrap_or_default();
             json_response(&search(&lock(&shared), q.trim()))
@@ -373,9 +462,16 @@ async fn route(shared: Shared, req: Request<Incoming>) -> Result<Response<Body>,
             }
         }
         (Method::POST, "/api/task") => {
-            let body = match req.into_body().collect().await {
+            let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+            let body = match limited.collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "text/plain", "no body")),
+                Err(_) => {
+                    return Ok(full(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "text/plain",
+                        "task form larger than 64 KiB",
+                    ))
+                }
             };
             run_task(&shared, &body).await
         }
@@ -450,12 +546,17 @@ fn stream(shared: Shared) -> Response<Body> {
             tokio::select! {
                 _ = tick.tick() => {
                     let (version, summary) = {
-                        let f = lock(&shared);
-                        (f.version, (f.version != seen).then(|| f.summary()))
+                        let mut f = lock(&shared);
+                        let v = f.version;
+                        (v, (v != seen).then(|| f.summary_bytes()))
                     };
                     if let Some(s) = summary {
                         seen = version;
-                        if tx.send(Bytes::from(format!("event: summary\ndata: {s}\n\n"))).await.is_err() {
+                        let mut msg = Vec::with_capacity(s.len() + 32);
+                        msg.extend_from_slice(b"event: summary\ndata: ");
+                        msg.extend_from_slice(&s);
+                        msg.extend_from_slice(b"\n\n");
+                        if tx.send(Bytes::from(msg)).await.is_err() {
                             return;
                         }
                     } else if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
@@ -469,7 +570,8 @@ fn stream(shared: Shared) -> Response<Body> {
                             return;
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    // Changes were skipped: a fresh summary (with the feed) covers them.
+                    Err(broadcast::error::RecvError::Lagged(_)) => seen = u64::MAX,
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             }

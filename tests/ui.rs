@@ -71,6 +71,44 @@ async fn the_fleet_page_shows_the_fleet_live_searches_and_runs_tasks() {
     })
     .await;
 
+    // Another site cannot drive the page's API through the operator's browser.
+    let post = |headers: &str| -> String {
+        let body = r#"{"id":"w-1","command":"hello"}"#;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "POST /api/task HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut c, &mut out).unwrap();
+        out
+    };
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    for (headers, why) in [
+        (
+            format!("{host}Content-Type: text/plain\r\n"),
+            "a plain form post",
+        ),
+        (
+            format!("{host}Content-Type: application/json\r\nOrigin: http://evil.example\r\n"),
+            "another origin",
+        ),
+        (
+            "Host: evil.example:80\r\nContent-Type: application/json\r\n".to_string(),
+            "a rebound host name",
+        ),
+    ] {
+        let r = post(&headers);
+        assert!(r.starts_with("HTTP/1.1 403"), "{why}: {r}");
+    }
+    let r = post(&format!("{host}Content-Type: application/json\r\n"));
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("hello from w-1"),
+        "{r}"
+    );
+
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/ui_check.py");
     let mut check = Command::new("python3")
         .arg(script)
@@ -80,6 +118,12 @@ async fn the_fleet_page_shows_the_fleet_live_searches_and_runs_tasks() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    // A hung browser must not hang the suite.
+    let pid = check.id();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(240));
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    });
     let mut out = BufReader::new(check.stdout.take().unwrap());
     let mut said = String::new();
     let mut line = String::new();

@@ -56,9 +56,11 @@ try:
         return len(cells) == 2 and all(c.endswith(" s") and float(c[:-2]) > 0 for c in cells)
     wait(leases, "each node's lease time left")
     # A workload's detail, from the failing list.
-    d.find_element(By.CSS_SELECTOR, '#failing a[data-id="never"]').click()
-    wait(lambda: '"kind": "sim"' in text("#detail") and "init_fail_rate" in text("#detail"),
-         "the failing workload's spec and state in its detail")
+    # (The table is re-rendered on every summary: find and click in one go.)
+    def open_detail():
+        d.find_element(By.CSS_SELECTOR, '#failing a[data-id="never"]').click()
+        return '"kind": "sim"' in text("#detail") and "init_fail_rate" in text("#detail")
+    wait(open_detail, "the failing workload's spec and state in its detail")
     if shot:
         d.save_screenshot(shot)
     print("READY", flush=True)
