@@ -193,7 +193,6 @@ impl Client {
     /// workloads by status and the lease time left; `None` when it does not
     /// answer within `timeout`.
     pub async fn node_status(&self, node: &str, timeout: Duration) -> Option<serde_json::Value> {
-        use crate::transport::Transport;
         let m = self
             .transport
             .request(

@@ -458,6 +458,20 @@ pub fn glob_match(glob: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod glob_tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_error_code_is_listed_once_in_order() {
+        // `ALL` feeds the metrics' outcome counters by index.
+        for (i, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i, "{c}");
+            let json = serde_json::to_string(c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.as_str()));
+        }
+        // A code added after DeviceError must be added to ALL too.
+        assert_eq!(ErrorCode::DeviceError.index() + 1, ErrorCode::ALL.len());
+    }
+
     use super::glob_match;
 
     #[test]

@@ -1168,26 +1168,6 @@ async fn watch_prints_one_line_per_state_change() {
     node.stop().await;
 }
 
-/// The lists of a role's ```text block in subjects.md (publish, subscribe).
-fn doc_permissions(doc: &str, role: &str) -> (Vec<String>, Vec<String>) {
-    let block = doc
-        .split(&format!("**{role}**"))
-        .nth(1)
-        .and_then(|s| s.split("```text").nth(1))
-        .and_then(|b| b.split("```").next())
-        .expect("role block in subjects.md");
-    let (mut publish, mut subscribe) = (vec![], vec![]);
-    let mut current = &mut publish;
-    for line in block.lines().map(str::trim) {
-        match line {
-            "publish:" => current = &mut publish,
-            "subscribe:" => current = &mut subscribe,
-            _ => current.extend(line.split_whitespace().map(str::to_string)),
-        }
-    }
-    (publish, subscribe)
-}
-
 #[test]
 fn permissions_command_prints_what_subjects_md_recommends() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/subjects.md")).unwrap();
@@ -1206,7 +1186,7 @@ fn permissions_command_prints_what_subjects_md_recommends() {
                 .map(str::to_string)
                 .collect()
         };
-        let (dp, ds) = doc_permissions(&doc, title);
+        let (dp, ds) = support::role_permissions(&doc, title);
         assert_eq!(quoted(publish), dp.into_iter().collect(), "{role}: publish");
         assert_eq!(
             quoted(subscribe),

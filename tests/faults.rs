@@ -272,29 +272,6 @@ async fn scale_out_from_three_to_four_moves_a_quarter_and_ends_balanced() {
     op.assert_no_double_owner();
 }
 
-/// The permission lists of one role, read from subjects.md: the doc is what is tested.
-fn role_permissions(doc: &str, role: &str) -> (Vec<String>, Vec<String>) {
-    let section = doc
-        .split(&format!("**{role}**"))
-        .nth(1)
-        .expect("role in subjects.md");
-    let block = section
-        .split("```text")
-        .nth(1)
-        .and_then(|b| b.split("```").next())
-        .expect("permission block");
-    let (mut publish, mut subscribe) = (vec![], vec![]);
-    let mut current = &mut publish;
-    for line in block.lines().map(str::trim) {
-        match line {
-            "publish:" => current = &mut publish,
-            "subscribe:" => current = &mut subscribe,
-            _ => current.extend(line.split_whitespace().map(str::to_string)),
-        }
-    }
-    (publish, subscribe)
-}
-
 /// The permissions subjects.md recommends, as a nats-server authorization block.
 fn auth_conf() -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/subjects.md")).unwrap();
@@ -305,7 +282,7 @@ fn auth_conf() -> String {
             .join(", ")
     };
     let user = |name: &str, pw: &str, role: &str| {
-        let (p, s) = role_permissions(&doc, role);
+        let (p, s) = support::role_permissions(&doc, role);
         assert!(!p.is_empty() && !s.is_empty(), "{role}: empty permissions");
         format!(
             "{{ user: {name}, password: {pw}, permissions: {{ publish: [{}], subscribe: [{}] }} }}",

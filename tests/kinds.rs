@@ -43,38 +43,42 @@ async fn fails(op: &Operator, id: &str, command: &str, kwargs: Value) -> (String
     )
 }
 
-/// Waits until the workload's status (from the state bucket) is `status`;
-/// its record (the last one seen is in the failure message).
-async fn wait_status(op: &Operator, id: &str, status: &str, secs: u64) -> Value {
+/// Waits (polling to a deadline) until the workload's state record
+/// satisfies `ok`; the record. On timeout the last record seen is in the
+/// failure message.
+async fn wait_record(
+    op: &Operator,
+    id: &str,
+    what: &str,
+    secs: u64,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let mut last = Value::Null;
     while std::time::Instant::now() < deadline {
         if let Ok(Some(v)) = op.state.get(id).await {
             last = serde_json::from_slice(&v).unwrap_or_default();
-            if last["status"] == status {
+            if ok(&last) {
                 return last;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{id}: not {status} within {secs} s; last record: {last}");
+    panic!("{id}: not {what} within {secs} s; last record: {last}");
 }
 
-/// Waits until the workload's record gives a reason containing `needle`;
-/// the record (the last one seen is in the failure message).
+/// Waits until the workload's status is `status`; its record.
+async fn wait_status(op: &Operator, id: &str, status: &str, secs: u64) -> Value {
+    wait_record(op, id, status, secs, |r| r["status"] == status).await
+}
+
+/// Waits until the workload's reason contains `needle`; its record.
 async fn wait_reason(op: &Operator, id: &str, needle: &str, secs: u64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    let mut last = Value::Null;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(v)) = op.state.get(id).await {
-            last = serde_json::from_slice(&v).unwrap_or_default();
-            if last["reason"].as_str().unwrap_or("").contains(needle) {
-                return last;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{id}: no reason with {needle:?} within {secs} s; last record: {last}");
+    let what = format!("giving a reason with {needle:?}");
+    wait_record(op, id, &what, secs, |r| {
+        r["reason"].as_str().unwrap_or("").contains(needle)
+    })
+    .await
 }
 
 /// One node process on a fresh NATS server, with `extra` node flags.

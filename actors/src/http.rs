@@ -170,16 +170,17 @@ struct RequestArgs {
     headers: BTreeMap<String, String>,
 }
 
+/// The causes below an error, outermost first.
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = String> + 'a {
+    std::iter::successors(e.source(), |s| s.source()).map(|s| s.to_string())
+}
+
 /// An error with its sources (`a: b: c`): reqwest hides the cause below.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
-    chain
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::once(e.to_string())
+        .chain(causes(e))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn http_error(what: &str, e: &reqwest::Error) -> NetError {
@@ -188,12 +189,7 @@ fn http_error(what: &str, e: &reqwest::Error) -> NetError {
     let msg = format!("{what}: {chain}");
     // Look for a certificate problem in the causes only: the error's own
     // text carries the URL, and `/api/certificates` is no TLS failure.
-    let mut causes = String::new();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        causes.push_str(&s.to_string().to_lowercase());
-        src = s.source();
-    }
+    let causes = causes(e).collect::<String>().to_lowercase();
     if causes.contains("certificate") {
         NetError::Auth(msg)
     } else if e.is_timeout() {

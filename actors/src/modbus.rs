@@ -413,6 +413,16 @@ impl ModbusWorkload {
         }
     }
 
+    /// Writes holding registers from `address`; how many were written.
+    async fn write_words(&self, address: u16, words: Vec<u16>) -> Result<usize, NetError> {
+        let n = words.len();
+        self.call("write multiple registers", move |c| {
+            Box::pin(async move { c.write_multiple_registers(address, &words).await })
+        })
+        .await?;
+        Ok(n)
+    }
+
     async fn read_bits(
         &self,
         register: Register,
@@ -603,13 +613,8 @@ impl Workload for ModbusWorkload {
             }
             "write_multiple_registers" => {
                 let a: WriteMany<u16> = parse_kwargs(k)?;
-                let n = a.values.len();
-                check_count(&task.command, a.address, n, MAX_WRITE_WORDS)?;
-                self.call("write multiple registers", move |c| {
-                    Box::pin(async move { c.write_multiple_registers(a.address, &a.values).await })
-                })
-                .await?;
-                json!({"written": n})
+                check_count(&task.command, a.address, a.values.len(), MAX_WRITE_WORDS)?;
+                json!({"written": self.write_words(a.address, a.values).await?})
             }
             "read" => {
                 let a: ReadArgs = parse_kwargs(k)?;
@@ -628,12 +633,7 @@ impl Workload for ModbusWorkload {
                         a.value, a.data_type
                     ))
                 })?;
-                let n = words.len();
-                self.call("write multiple registers", move |c| {
-                    Box::pin(async move { c.write_multiple_registers(a.address, &words).await })
-                })
-                .await?;
-                json!({"written": n})
+                json!({"written": self.write_words(a.address, words).await?})
             }
             "poll" => {
                 let mut out = Map::new();

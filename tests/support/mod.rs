@@ -522,3 +522,26 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// The permission lists of one role, read from subjects.md: the doc is what is tested.
+pub fn role_permissions(doc: &str, role: &str) -> (Vec<String>, Vec<String>) {
+    let section = doc
+        .split(&format!("**{role}**"))
+        .nth(1)
+        .expect("role in subjects.md");
+    let block = section
+        .split("```text")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("permission block");
+    let (mut publish, mut subscribe) = (vec![], vec![]);
+    let mut current = &mut publish;
+    for line in block.lines().map(str::trim) {
+        match line {
+            "publish:" => current = &mut publish,
+            "subscribe:" => current = &mut subscribe,
+            _ => current.extend(line.split_whitespace().map(str::to_string)),
+        }
+    }
+    (publish, subscribe)
+}

@@ -84,59 +84,57 @@ where
     B: Fn(usize) -> BF,
     BF: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
+    let n = ids.len();
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         eprintln!(
             "{title} round {}/{rounds}: bare loop, then through the engine",
             r + 1
         );
-        // Bare loop.
-        let t = Instant::now();
-        let lat: Vec<Result<f64, String>> = futures::stream::iter(0..polls)
-            .map(|i| {
-                let f = bare(i % ids.len());
+        raw.push(measure(polls, concurrency, |i| bare(i % n)).await?);
+        ours.push(
+            measure(polls, concurrency, |i| {
+                let id = ids[i % n].clone();
+                let (node, task) = (node.clone(), task.clone());
                 async move {
-                    let s = Instant::now();
-                    f.await.map(|()| s.elapsed().as_secs_f64() * 1000.0)
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-        let el = t.elapsed();
-        let lat: Vec<f64> = lat
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        raw.push(round(polls, el, lat));
-        // Through the engine.
-        let t = Instant::now();
-        let lat: Vec<Result<f64, String>> = futures::stream::iter(0..polls)
-            .map(|i| {
-                let id = ids[i % ids.len()].clone();
-                let node = node.clone();
-                let task = task.clone();
-                async move {
-                    let s = Instant::now();
                     let r = node.run_task(&id, task).await;
                     if r.success {
-                        Ok(s.elapsed().as_secs_f64() * 1000.0)
+                        Ok(())
                     } else {
                         Err(format!("{id}: {:?}", r.error))
                     }
                 }
             })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-        let el = t.elapsed();
-        let lat: Vec<f64> = lat
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        ours.push(round(polls, el, lat));
+            .await?,
+        );
     }
     Ok((ours, raw))
+}
+
+/// `polls` calls of `poll(i)`, `concurrency` at a time: rate and latencies.
+async fn measure<F, Fut>(polls: usize, concurrency: usize, poll: F) -> anyhow::Result<Round>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let t = Instant::now();
+    let lat: Vec<Result<f64, String>> = futures::stream::iter(0..polls)
+        .map(|i| {
+            let f = poll(i);
+            async move {
+                let s = Instant::now();
+                f.await.map(|()| s.elapsed().as_secs_f64() * 1000.0)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let elapsed = t.elapsed();
+    let lat: Vec<f64> = lat
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    Ok(round(polls, elapsed, lat))
 }
 
 fn median_by(v: &[Round], f: impl Fn(&Round) -> f64) -> f64 {
