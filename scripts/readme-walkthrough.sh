@@ -39,7 +39,9 @@ trap cleanup EXIT
 (cd "$DIR" && BIN_DIR=$BIN_DIR RUST_LOG=ottomato=info timeout 300 bash walkthrough.sh) 2>&1 | tee "$DIR/output.log"
 # What the reader is told they will see:
 grep -q "router-2 runs on node-" "$DIR/output.log"
-grep -q "otto.task.nobody: no responders" "$DIR/output.log"
+grep -q "otto.task.write.nobody: no responders" "$DIR/output.log"
+grep -q "forbidden" "$DIR/output.log"
+grep -q "set is a write: refused" "$DIR/output.log"
 grep -q "1002 of 1002 workloads running" "$DIR/output.log"
 grep -q "1003 of 1003 workloads running" "$DIR/output.log"
 echo "README walkthrough OK"

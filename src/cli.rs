@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::demo::{self, DemoOptions};
+use crate::subjects::Role;
 use crate::Kinds;
 
 #[allow(unreachable_pub)]
@@ -107,9 +108,14 @@ enum Command {
         after_help = "Examples:\n  ottomato permissions --role operator --inbox-prefix _INBOX.alice\n  ottomato permissions --role node --prefix site7"
     )]
     Permissions {
-        /// node, operator or watcher.
+        /// node, operator, reader (read-class tasks only) or watcher.
         #[arg(long)]
         role: crate::subjects::Role,
+        /// Limit an operator's or reader's task rights to the workloads
+        /// matching this glob (listed one by one from the workloads bucket,
+        /// as of now; no fan-out).
+        #[arg(long)]
+        select: Option<String>,
     },
     /// Benchmarks that print ratios against a raw baseline measured in the same run.
     #[command(subcommand)]
@@ -673,7 +679,7 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             );
             crate::ui::run(client, listener, ctrl_c()).await
         }
-        Command::Permissions { role } => {
+        Command::Permissions { role, select } => {
             let prefix = cli.conn.prefix.as_deref().unwrap_or("otto");
             crate::subjects::Subjects::validate_prefix(prefix).map_err(anyhow::Error::msg)?;
             let inbox = match &cli.conn.inbox_prefix {
@@ -684,19 +690,65 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
                 None => format!(
                     "_INBOX.{}",
                     match role {
-                        crate::subjects::Role::Node => "node",
-                        crate::subjects::Role::Operator => "operator",
-                        crate::subjects::Role::Watcher => "watcher",
+                        Role::Node => "node",
+                        Role::Operator => "operator",
+                        Role::Reader => "reader",
+                        Role::Watcher => "watcher",
                     }
                 ),
+            };
+            let ids = match &select {
+                None => None,
+                Some(_) if !matches!(role, Role::Operator | Role::Reader) => {
+                    anyhow::bail!(
+                        "--select limits task rights: it applies to the operator and reader roles"
+                    )
+                }
+                Some(glob) if !glob.contains(['*', '?']) => {
+                    crate::spec::validate_id(glob).map_err(anyhow::Error::msg)?;
+                    Some(vec![glob.clone()])
+                }
+                Some(glob) => {
+                    let client = cli.conn.client().await?;
+                    let ids: Vec<String> = client
+                        .workloads()
+                        .await?
+                        .into_iter()
+                        .filter(|w| w.spec.is_some() && crate::wire::glob_match(glob, &w.id))
+                        .map(|w| w.id)
+                        .collect();
+                    if ids.is_empty() {
+                        anyhow::bail!(
+                            "--select {glob:?} matches no workload in {prefix}_workloads"
+                        );
+                    }
+                    Some(ids)
+                }
             };
             println!(
                 "# NATS permissions of the {role:?} role for prefix {prefix}: start this user's \
                  clients with --inbox-prefix {inbox} (env NATS_INBOX_PREFIX), one prefix per user"
             );
+            if let (Some(ids), Some(glob)) = (&ids, &select) {
+                println!(
+                    "# task rights limited to the {} workload(s) matching {glob:?} now (run again \
+                     after adding workloads); no fan-out: NATS cannot check a fan-out's selection",
+                    ids.len()
+                );
+            }
+            if role == Role::Reader {
+                println!(
+                    "# this user's clients send tasks on read subjects: --task-class read \
+                     (env OTTOMATO_TASK_CLASS=read; library Client::with_task_class)"
+                );
+            }
             print!(
                 "{}",
-                crate::subjects::Subjects::new(prefix).permissions_conf(role, &inbox)
+                crate::subjects::Subjects::new(prefix).permissions_conf(
+                    role,
+                    &inbox,
+                    ids.as_deref()
+                )
             );
             Ok(())
         }

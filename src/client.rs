@@ -15,6 +15,7 @@ use crate::store::{KvBucket, KvChange, StateStore};
 use crate::subjects::Subjects;
 use crate::transport::{Message, Transport, TransportError};
 use crate::wire::{FanoutDone, FanoutRequest, NodeInfo, StateRecord, TaskRequest, TaskResult};
+use crate::CommandClass;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct Client {
     nodes: tokio::sync::OnceCell<Arc<dyn KvBucket>>,
     store: NatsStore,
     state: Arc<dyn KvBucket>,
+    /// The class of the subjects tasks are sent on (write by default).
+    task_class: CommandClass,
 }
 
 impl Client {
@@ -97,7 +100,22 @@ impl Client {
             nodes,
             store,
             state,
+            task_class: CommandClass::Write,
         })
+    }
+
+    /// Sends tasks and fan-outs on `class` subjects from now on
+    /// (`<prefix>.task.read.<id>`): what a read-only operator, whose NATS
+    /// user may publish only read subjects, sets. A node answers a
+    /// write-class command sent on a read subject `forbidden`.
+    pub fn with_task_class(mut self, class: CommandClass) -> Self {
+        self.task_class = class;
+        self
+    }
+
+    /// The class tasks are sent with.
+    pub fn task_class(&self) -> CommandClass {
+        self.task_class
     }
 
     /// Writes (creates or replaces) a spec.
@@ -217,7 +235,7 @@ impl Client {
         let reply = self
             .transport
             .request(
-                &self.subjects.task(id),
+                &self.subjects.task(self.task_class, id),
                 Message::new(payload),
                 timeout + Duration::from_millis(500),
             )
@@ -226,9 +244,11 @@ impl Client {
                 TransportError::NoResponders(_) => {
                     ClientError::NotFound(format!("{id} (no node owns it)"))
                 }
-                TransportError::Timeout => {
-                    ClientError::Backend(format!("{id}: no reply within {timeout:?}"))
-                }
+                TransportError::Timeout => ClientError::Backend(format!(
+                    "{id}: no reply within {timeout:?} (if the NATS server refused the \
+                     {} subject for this user, it says so above)",
+                    self.task_class
+                )),
                 other => backend(other),
             })?;
         serde_json::from_slice(&reply.payload).map_err(backend)
@@ -245,7 +265,10 @@ impl Client {
         let payload = serde_json::to_vec(&req).map_err(backend)?;
         let replies = self
             .transport
-            .request_many(&self.subjects.fanout(), Message::new(payload))
+            .request_many(
+                &self.subjects.fanout(self.task_class),
+                Message::new(payload),
+            )
             .await
             .map_err(backend)?;
         let deadline = tokio::time::Instant::now() + timeout;

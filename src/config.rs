@@ -46,6 +46,11 @@ pub struct NodeConfig {
     pub restart: RestartPolicy,
     /// Events buffered per subscriber before a slow one starts missing some.
     pub event_capacity: usize,
+    /// Scheduled runs in flight at once on this node; ticks over it are
+    /// shed (counted).
+    pub schedule_max_inflight: usize,
+    /// Results waiting to be stored; results over it are dropped (counted).
+    pub results_buffer: usize,
 }
 
 /// The supervisor's restart policy for a failed workload actor.
@@ -93,6 +98,8 @@ impl Default for NodeConfig {
             max_payload: 1024 * 1024,
             restart: RestartPolicy::default(),
             event_capacity: 65_536,
+            schedule_max_inflight: 10_000,
+            results_buffer: 10_000,
         }
     }
 }

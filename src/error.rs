@@ -48,6 +48,9 @@ pub enum NodeError {
     /// The cluster's buckets were created with settings this node cannot honour.
     #[error("{0}")]
     IncompatibleCluster(String),
+    /// A schedule was refused (the reason names the field).
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
     /// A storage or transport backend failed.
     #[error("backend error: {0}")]
     Backend(String),

@@ -27,6 +27,8 @@ pub mod kinds;
 pub mod metrics;
 pub mod nats;
 pub mod node;
+pub mod results;
+pub mod schedule;
 pub mod spec;
 pub mod status;
 pub mod store;
@@ -43,7 +45,7 @@ pub use events::Event;
 pub use kinds::Kinds;
 pub use node::{Node, NodeBuilder};
 pub use ottomato_actors::{
-    self as actors, ConfigError, Kind, Task, TaskError, Workload, WorkloadError,
+    self as actors, CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError,
 };
 pub use spec::{Placement, WorkloadSpec};
 pub use status::{ScheduledJob, Status, WorkloadInfo};

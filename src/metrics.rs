@@ -167,6 +167,41 @@ impl Collector for NodeCollector {
             "Lease renewals (acknowledged heartbeats)",
             c.lease_renewals,
         )?;
+        for (name, help, v) in [
+            ("ottomato_ticks_run", "Scheduled runs started", c.ticks_run),
+            (
+                "ottomato_ticks_skipped",
+                "Ticks skipped: the device was still busy with the previous one",
+                c.ticks_skipped,
+            ),
+            (
+                "ottomato_ticks_shed",
+                "Ticks shed: late, or too many scheduled runs in flight",
+                c.ticks_shed,
+            ),
+            (
+                "ottomato_ticks_caught_up",
+                "Missed ticks run once on a new owner",
+                c.ticks_caught_up,
+            ),
+            (
+                "ottomato_results_stored",
+                "Results stored in the history",
+                c.results_stored,
+            ),
+            (
+                "ottomato_results_dropped",
+                "Results dropped: the buffer to the history was full",
+                c.results_dropped,
+            ),
+            (
+                "ottomato_results_failed",
+                "Results the history refused (backend errors)",
+                c.results_failed,
+            ),
+        ] {
+            counter(&mut e, name, help, v)?;
+        }
         if let Some(left) = self.node.lease_remaining() {
             gauge(
                 &mut e,

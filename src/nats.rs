@@ -177,6 +177,9 @@ pub async fn connect_with(
                     tracing::warn!("disconnected from NATS; reconnecting")
                 }
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                // Permission violations (a publish or subscribe this user may
+                // not make): the request in question only times out, so say why.
+                async_nats::Event::ServerError(e) => tracing::warn!("NATS server refused: {e}"),
                 other => tracing::debug!(event = %other, "NATS connection event"),
             }
         })

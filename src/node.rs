@@ -9,7 +9,7 @@
 //!     ├── Supervisor actor ── WorkloadActor × N (linked, one per workload)
 //!     ├── health scheduler task ── Ping ──────▶ WorkloadActor
 //!     ├── state writer task ── create / CAS ──▶ StateStore bucket <prefix>_state
-//!     └── TaskServer ◀── requests on <prefix>.task.<id> ── Transport
+//!     └── TaskServer ◀── requests on <prefix>.task.<class>.<id> ── Transport
 //! ```
 
 use std::collections::HashMap;
@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use ottomato_actors::Kind;
+use ottomato_actors::{CommandClass, Kind};
 use ractor::{Actor, ActorRef};
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::time::Instant;
@@ -27,6 +27,8 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::events::{ErrorCallback, Event, EventBus, EventCallback, EventReceiver};
 use crate::kinds::Kinds;
+use crate::results::{MemoryResults, ResultPublisher, ResultQuery, ResultStore, StoredResult};
+use crate::schedule::{Schedule, ScheduleSpec};
 use crate::spec::{validate_id, WorkloadSpec};
 use crate::status::{ScheduledJob, Status, WorkloadInfo};
 use crate::store::{MemoryStore, StateStore};
@@ -37,6 +39,7 @@ use crate::wire::{ErrorCode, Task, TaskResult};
 pub mod counters;
 mod guard;
 mod health;
+pub mod scheduler;
 mod serve;
 mod slot;
 mod state_writer;
@@ -79,6 +82,12 @@ pub(crate) struct Shared {
     pub(crate) lease: guard::Lease,
     /// What the node counted (tasks, pings, inits, claims…), for metrics.
     pub(crate) counters: counters::Counters,
+    /// Result history: the store, and the bounded buffer in front of it.
+    pub(crate) result_store: Arc<dyn ResultStore>,
+    pub(crate) results: Arc<ResultPublisher>,
+    /// The schedules bucket.
+    schedules: Arc<dyn crate::store::KvBucket>,
+    scheduler: OnceLock<scheduler::SchedulerHandle>,
 }
 
 impl Shared {
@@ -278,6 +287,8 @@ impl Shared {
             ret,
             timestamp: SystemTime::now(),
             execution_time: elapsed.as_secs_f64() * 1000.0,
+            schedule_id: None,
+            tick: None,
         }
     }
 
@@ -288,6 +299,7 @@ impl Shared {
         id: &str,
         slot: Option<&Arc<Slot>>,
         task: Task,
+        class: CommandClass,
         deadline: Instant,
         reply: Reply,
     ) -> Result<(), Box<Refused>> {
@@ -317,6 +329,7 @@ impl Shared {
         };
         let queued = QueuedTask {
             task,
+            class,
             deadline,
             reply,
         };
@@ -337,13 +350,19 @@ impl Shared {
         self.lease_valid() && slot.is_some_and(|s| s.lock().fenced.is_none())
     }
 
-    pub(crate) async fn run_task(&self, id: &str, task: Task, timeout: Duration) -> TaskResult {
+    pub(crate) async fn run_task(
+        &self,
+        id: &str,
+        task: Task,
+        class: CommandClass,
+        timeout: Duration,
+    ) -> TaskResult {
         let deadline = Instant::now() + timeout.min(self.cfg.max_task_deadline);
         let command = task.command.clone();
         let (tx, rx) = ractor::concurrency::oneshot();
         let slot = self.slot(id);
         let reply = Reply::Caller(tx.into());
-        if let Err(refused) = self.route(id, slot.as_ref(), task, deadline, reply) {
+        if let Err(refused) = self.route(id, slot.as_ref(), task, class, deadline, reply) {
             let Refused(task, _, code, msg) = *refused;
             return self.result(id, slot.as_deref(), task, Err((code, msg)), Duration::ZERO);
         }
@@ -377,6 +396,7 @@ impl Shared {
         self: &Arc<Self>,
         id: &str,
         task: Task,
+        class: CommandClass,
         timeout: Duration,
         then: impl FnOnce(TaskResult) -> BoxFuture<'static, ()> + Send + 'static,
     ) {
@@ -411,7 +431,9 @@ impl Shared {
             then(result)
         });
         let deadline = Instant::now() + timeout.min(self.cfg.max_task_deadline);
-        if let Err(refused) = self.route(id, slot.as_ref(), task, deadline, Reply::Then(cont)) {
+        if let Err(refused) =
+            self.route(id, slot.as_ref(), task, class, deadline, Reply::Then(cont))
+        {
             let Refused(task, reply, code, msg) = *refused;
             reply.send(TaskOutcome {
                 task,
@@ -603,7 +625,7 @@ impl Node {
             workload: slot.id.clone(),
         });
         if let Some(server) = sh.server.get() {
-            let subject = sh.subjects.task(&slot.id);
+            let subject = sh.subjects.task_served(&slot.id);
             if let Err(e) = sh.transport.serve(&subject, server.clone()).await {
                 sh.report_error(NodeError::Backend(format!("serve {subject}: {e}")));
             }
@@ -663,7 +685,57 @@ impl Node {
 
     /// What the node counted since it started (tasks, pings, inits, claims…).
     pub fn counters(&self) -> counters::Snapshot {
-        self.shared.counters.snapshot()
+        let mut s = self.shared.counters.snapshot();
+        let r = &self.shared.results;
+        s.results_stored = r.stored.load(Ordering::Relaxed);
+        s.results_dropped = r.dropped.load(Ordering::Relaxed);
+        s.results_failed = r.failed.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Writes (creates or replaces) schedule `id`; every node holding a
+    /// workload it selects runs it from its next tick. Refused with the
+    /// reason when invalid.
+    pub async fn put_schedule(&self, id: &str, spec: &ScheduleSpec) -> Result<(), NodeError> {
+        Schedule::parse(id, spec.clone()).map_err(NodeError::InvalidSchedule)?;
+        let json =
+            serde_json::to_vec(spec).map_err(|e| NodeError::InvalidSchedule(e.to_string()))?;
+        self.shared
+            .schedules
+            .put(id, json.into())
+            .await
+            .map(drop)
+            .map_err(|e| NodeError::Backend(e.to_string()))
+    }
+
+    /// Deletes schedule `id` (runs in flight finish; no new ones start).
+    pub async fn delete_schedule(&self, id: &str) -> Result<(), NodeError> {
+        self.shared
+            .schedules
+            .delete(id, None)
+            .await
+            .map_err(|e| NodeError::Backend(e.to_string()))
+    }
+
+    /// Every stored schedule, by id (an invalid one with its error).
+    pub async fn schedules(&self) -> Result<Vec<(String, Result<Schedule, String>)>, NodeError> {
+        read_schedules(&self.shared.schedules)
+            .await
+            .map_err(|e| NodeError::Backend(e.to_string()))
+    }
+
+    /// Stored results (`query` selects; oldest first).
+    pub async fn results(&self, query: &ResultQuery) -> Result<Vec<StoredResult>, NodeError> {
+        self.shared
+            .result_store
+            .query(query)
+            .await
+            .map_err(|e| NodeError::Backend(e.to_string()))
+    }
+
+    /// Waits until every result handed over so far is stored (or `timeout`).
+    pub async fn flush_results(&self, timeout: Duration) -> bool {
+        self.shared.results.flush(timeout).await
     }
 
     pub(crate) fn count_claim(&self) {
@@ -724,10 +796,11 @@ impl Node {
         v
     }
 
-    /// Runs a task with the node's default deadline.
+    /// Runs a task with the node's default deadline (any command class:
+    /// the embedding program has every right).
     pub async fn run_task(&self, id: &str, task: Task) -> TaskResult {
         self.shared
-            .run_task(id, task, self.shared.cfg.task_timeout)
+            .run_task(id, task, CommandClass::Write, self.shared.cfg.task_timeout)
             .await
     }
 
@@ -738,7 +811,21 @@ impl Node {
         task: Task,
         timeout: Duration,
     ) -> TaskResult {
-        self.shared.run_task(id, task, timeout).await
+        self.shared
+            .run_task(id, task, CommandClass::Write, timeout)
+            .await
+    }
+
+    /// Runs a task as if it came on a `class` subject: with
+    /// [`CommandClass::Read`], a write-class command is answered `forbidden`.
+    pub async fn run_task_as(
+        &self,
+        id: &str,
+        task: Task,
+        class: CommandClass,
+        timeout: Duration,
+    ) -> TaskResult {
+        self.shared.run_task(id, task, class, timeout).await
     }
 
     /// Subscribes to lifecycle events. A subscriber that falls more than
@@ -777,7 +864,7 @@ impl Node {
             let _ = tokio::time::timeout_at(deadline, removed).await;
         }
         if let Some(f) = sh.fanout.get() {
-            let _ = sh.transport.unserve(&sh.subjects.fanout(), f).await;
+            let _ = sh.transport.unserve(&sh.subjects.fanout_served(), f).await;
         }
         // Bounded: with the store unreachable, writes never complete.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flush_state()).await;
@@ -798,6 +885,8 @@ pub struct NodeBuilder {
     transport: Option<Arc<dyn Transport>>,
     subjects: Option<Subjects>,
     state_replicas: usize,
+    results: Option<Arc<dyn ResultStore>>,
+    clock: scheduler::ScheduleClock,
 }
 
 impl NodeBuilder {
@@ -904,6 +993,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Where results of scheduled runs (and of tasks that ask) are kept
+    /// (in memory, with the default limits, by default).
+    pub fn results(mut self, store: Arc<dyn ResultStore>) -> Self {
+        self.results = Some(store);
+        self
+    }
+
+    /// The clock schedules run on (the system clock by default; tests
+    /// with a paused tokio clock use [`scheduler::ScheduleClock::Tokio`]).
+    pub fn schedule_clock(mut self, clock: scheduler::ScheduleClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Subject and bucket prefix (`otto` by default).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.subjects = Some(Subjects::new(prefix));
@@ -935,6 +1038,14 @@ impl NodeBuilder {
                 Err(e) => return Err(NodeError::Backend(e.to_string())),
             }
         };
+        let schedules = store
+            .bucket(&subjects.schedules_bucket_spec(self.state_replicas.max(1)))
+            .await
+            .map_err(|e| NodeError::Backend(format!("schedules bucket: {e}")))?;
+        let result_store = self
+            .results
+            .unwrap_or_else(|| Arc::new(MemoryResults::default()) as Arc<dyn ResultStore>);
+        let results = ResultPublisher::spawn(result_store.clone(), cfg.results_buffer);
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(MemoryTransport::new()) as Arc<dyn Transport>);
@@ -963,6 +1074,10 @@ impl NodeBuilder {
             shutting_down: AtomicBool::new(false),
             lease: guard::Lease::unlimited(),
             counters: Default::default(),
+            result_store,
+            results,
+            schedules,
+            scheduler: OnceLock::new(),
         });
         let _ = shared.writer.set(state_writer::spawn(
             Arc::downgrade(&shared),
@@ -978,7 +1093,7 @@ impl NodeBuilder {
         });
         shared
             .transport
-            .serve(&shared.subjects.fanout(), fanout.clone())
+            .serve(&shared.subjects.fanout_served(), fanout.clone())
             .await
             .map_err(|e| NodeError::Backend(format!("serving fan-out: {e}")))?;
         let _ = shared.fanout.set(fanout);
@@ -987,6 +1102,14 @@ impl NodeBuilder {
             .await
             .map_err(|e| NodeError::Backend(format!("starting supervisor: {e}")))?;
         let _ = shared.supervisor.set(sup);
+        let handle = scheduler::spawn(
+            &shared,
+            scheduler::Clock::new(self.clock),
+            shared.results.clone(),
+            shared.result_store.clone(),
+        );
+        let _ = shared.scheduler.set(handle.clone());
+        tokio::spawn(watch_schedules(Arc::downgrade(&shared), handle));
         tracing::info!(node = &*shared.node_id, "node started");
         Ok(Node { shared })
     }
@@ -1027,5 +1150,74 @@ fn spawn_callbacks(
                 }
             }
         });
+    }
+}
+
+/// Every schedule in `bucket`, by id, parsed (or the reason it is invalid).
+pub(crate) async fn read_schedules(
+    bucket: &Arc<dyn crate::store::KvBucket>,
+) -> Result<Vec<(String, Result<Schedule, String>)>, crate::store::StoreError> {
+    use futures::StreamExt;
+    let mut w = bucket.watch().await?;
+    let mut all = std::collections::BTreeMap::new();
+    while let Some(c) = w.next().await {
+        match c {
+            crate::store::KvChange::Put(e) => {
+                let parsed = Schedule::from_json(&e.key, &e.value);
+                all.insert(e.key, parsed);
+            }
+            crate::store::KvChange::Delete { key, .. } => {
+                all.remove(&key);
+            }
+            crate::store::KvChange::Synced => break,
+        }
+    }
+    Ok(all.into_iter().collect())
+}
+
+/// Feeds the scheduler from the schedules bucket: every change, for as
+/// long as the node lives (re-watching after an error).
+async fn watch_schedules(shared: std::sync::Weak<Shared>, handle: scheduler::SchedulerHandle) {
+    use futures::StreamExt;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(bucket) = shared.upgrade().map(|s| s.schedules.clone()) else {
+            return;
+        };
+        match bucket.watch().await {
+            Ok(mut w) => {
+                backoff = Duration::from_millis(100);
+                while let Some(c) = w.next().await {
+                    let Some(sh) = shared.upgrade() else {
+                        return;
+                    };
+                    match c {
+                        crate::store::KvChange::Put(e) => {
+                            match Schedule::from_json(&e.key, &e.value) {
+                                Ok(s) => handle.send(scheduler::Msg::Put(Arc::new(s))),
+                                Err(err) => {
+                                    sh.report_error(NodeError::InvalidSchedule(format!(
+                                        "schedule {}: {err}; not running it",
+                                        e.key
+                                    )));
+                                    handle.send(scheduler::Msg::Remove(e.key.as_str().into()));
+                                }
+                            }
+                        }
+                        crate::store::KvChange::Delete { key, .. } => {
+                            handle.send(scheduler::Msg::Remove(key.as_str().into()))
+                        }
+                        crate::store::KvChange::Synced => {}
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(sh) = shared.upgrade() {
+                    sh.report_error(NodeError::Backend(format!("watching schedules: {e}")));
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::store::BucketSpec;
+use crate::CommandClass;
 
 /// The default prefix of every subject and bucket.
 pub const DEFAULT_PREFIX: &str = "otto";
@@ -26,13 +27,20 @@ impl Default for Subjects {
 
 /// Every subject pattern, with `<prefix>` for the prefix: what `subjects.md` documents.
 pub const SUBJECT_PATTERNS: &[&str] = &[
-    "<prefix>.task.<workload-id>",
-    "<prefix>.fanout",
+    "<prefix>.task.<class>.<workload-id>",
+    "<prefix>.fanout.<class>",
     "<prefix>.events.<workload-id>.<event>",
+    "<prefix>.results.<workload-id>.<source>",
 ];
 
 /// Every bucket name pattern: what `subjects.md` documents.
-pub const BUCKET_PATTERNS: &[&str] = &["<prefix>_workloads", "<prefix>_nodes", "<prefix>_state"];
+pub const BUCKET_PATTERNS: &[&str] = &[
+    "<prefix>_workloads",
+    "<prefix>_nodes",
+    "<prefix>_state",
+    "<prefix>_schedules",
+    "<prefix>_results",
+];
 
 impl Subjects {
     /// Names under `prefix`: one token of letters, digits, `_` or `-`.
@@ -61,27 +69,54 @@ impl Subjects {
         &self.prefix
     }
 
-    /// `<prefix>.task.<workload-id>`: request/reply for one workload.
-    pub fn task(&self, workload: &str) -> String {
-        format!("{}.task.{}", self.prefix, workload)
+    /// `<prefix>.task.<class>.<workload-id>`: request/reply for one
+    /// workload; a `read` subject runs only read-class commands.
+    pub fn task(&self, class: CommandClass, workload: &str) -> String {
+        format!("{}.task.{}.{}", self.prefix, class, workload)
     }
 
-    /// `<prefix>.task.*`: every workload's task subject (for permissions).
-    pub fn task_wildcard(&self) -> String {
-        format!("{}.task.*", self.prefix)
+    /// `<prefix>.task.*.<workload-id>`: what the owner subscribes (both
+    /// classes, one subscription).
+    pub fn task_served(&self, workload: &str) -> String {
+        format!("{}.task.*.{}", self.prefix, workload)
     }
 
-    /// The workload id of a task subject, if it is one.
-    pub fn parse_task<'a>(&self, subject: &'a str) -> Option<&'a str> {
+    /// `<prefix>.task.<class>.*` (or `<prefix>.task.*.*` for both): every
+    /// workload's task subject of a class (for permissions).
+    pub fn task_wildcard(&self, class: Option<CommandClass>) -> String {
+        match class {
+            Some(c) => format!("{}.task.{}.*", self.prefix, c),
+            None => format!("{}.task.*.*", self.prefix),
+        }
+    }
+
+    /// The class token and workload id of a task subject, if it is one. The
+    /// class token is returned as sent (the node answers an unknown one).
+    pub fn parse_task<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".task.")?;
+        let (class, id) = rest.split_once('.')?;
+        (!class.is_empty() && !id.is_empty() && !id.contains('.')).then_some((class, id))
+    }
+
+    /// `<prefix>.fanout.<class>`: a task for a selection of workloads,
+    /// answered by every node; `read` runs only read-class commands.
+    pub fn fanout(&self, class: CommandClass) -> String {
+        format!("{}.fanout.{}", self.prefix, class)
+    }
+
+    /// `<prefix>.fanout.*`: what every node subscribes (both classes).
+    pub fn fanout_served(&self) -> String {
+        format!("{}.fanout.*", self.prefix)
+    }
+
+    /// The class token of a fan-out subject, if it is one.
+    pub fn parse_fanout<'a>(&self, subject: &'a str) -> Option<&'a str> {
         subject
             .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(".task.")
-            .filter(|id| !id.is_empty() && !id.contains('.'))
-    }
-
-    /// `<prefix>.fanout`: a task for a selection of workloads, answered by every node.
-    pub fn fanout(&self) -> String {
-        format!("{}.fanout", self.prefix)
+            .strip_prefix(".fanout.")
+            .filter(|c| !c.is_empty() && !c.contains('.'))
     }
 
     /// `<prefix>.node.<node-id>.status`: a node's status (its NATS micro
@@ -98,6 +133,46 @@ impl Subjects {
     /// `<prefix>.events.>`: every event (for subscribers and permissions).
     pub fn events_wildcard(&self) -> String {
         format!("{}.events.>", self.prefix)
+    }
+
+    /// `<prefix>.results.<workload-id>.<source>`: one stored result (the
+    /// source is a schedule id or `_task`).
+    pub fn result(&self, workload: &str, source: &str) -> String {
+        format!("{}.results.{}.{}", self.prefix, workload, source)
+    }
+
+    /// `<prefix>.results.>`: every stored result (the stream's subjects).
+    pub fn results_wildcard(&self) -> String {
+        format!("{}.results.>", self.prefix)
+    }
+
+    /// The workload and source of a result subject.
+    pub fn parse_result<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".results.")?
+            .split_once('.')
+            .filter(|(w, s)| !w.is_empty() && !s.is_empty() && !s.contains('.'))
+    }
+
+    /// The result history stream (JetStream, not a KV bucket).
+    pub fn results_stream(&self) -> String {
+        format!("{}_results", self.prefix)
+    }
+
+    /// The schedules bucket: key = schedule id, value = schedule JSON.
+    pub fn schedules_bucket(&self) -> String {
+        format!("{}_schedules", self.prefix)
+    }
+
+    /// Settings of the schedules bucket.
+    pub fn schedules_bucket_spec(&self, replicas: usize) -> BucketSpec {
+        BucketSpec {
+            history: 1,
+            replicas,
+            description: "Ottomato schedules: schedule id -> schedule".into(),
+            ..BucketSpec::new(self.schedules_bucket())
+        }
     }
 
     /// The desired-state bucket: key = workload id, value = spec JSON.
@@ -162,11 +237,17 @@ mod tests {
     #[test]
     fn names() {
         let s = Subjects::default();
-        assert_eq!(s.task("r1"), "otto.task.r1");
-        assert_eq!(s.parse_task("otto.task.r1"), Some("r1"));
-        assert_eq!(s.parse_task("otto.task.r1.x"), None);
-        assert_eq!(s.parse_task("other.task.r1"), None);
-        assert_eq!(s.fanout(), "otto.fanout");
+        assert_eq!(s.task(CommandClass::Read, "r1"), "otto.task.read.r1");
+        assert_eq!(s.task(CommandClass::Write, "r1"), "otto.task.write.r1");
+        assert_eq!(s.task_served("r1"), "otto.task.*.r1");
+        assert_eq!(s.parse_task("otto.task.read.r1"), Some(("read", "r1")));
+        assert_eq!(s.parse_task("otto.task.r1"), None);
+        assert_eq!(s.parse_task("otto.task.read.r1.x"), None);
+        assert_eq!(s.parse_task("other.task.read.r1"), None);
+        assert_eq!(s.fanout(CommandClass::Write), "otto.fanout.write");
+        assert_eq!(s.fanout_served(), "otto.fanout.*");
+        assert_eq!(s.parse_fanout("otto.fanout.read"), Some("read"));
+        assert_eq!(s.parse_fanout("otto.fanout"), None);
         assert_eq!(s.event("r1", "dead"), "otto.events.r1.dead");
         assert_eq!(
             (s.workloads_bucket(), s.nodes_bucket(), s.state_bucket()),
@@ -186,8 +267,10 @@ mod tests {
 pub enum Role {
     /// A worker node: writes state and membership, creates the buckets.
     Node,
-    /// An operator: writes specs, runs tasks, reads state and events.
+    /// An operator: writes specs, runs tasks of both classes, reads state and events.
     Operator,
+    /// A read-only operator: runs read-class tasks only; reads state and events.
+    Reader,
     /// A read-only watcher: state, events and node discovery only.
     Watcher,
 }
@@ -198,8 +281,11 @@ impl std::str::FromStr for Role {
         match s {
             "node" => Ok(Role::Node),
             "operator" => Ok(Role::Operator),
+            "reader" => Ok(Role::Reader),
             "watcher" => Ok(Role::Watcher),
-            other => Err(format!("role {other:?}: one of node, operator, watcher")),
+            other => Err(format!(
+                "role {other:?}: one of node, operator, reader, watcher"
+            )),
         }
     }
 }
@@ -210,7 +296,38 @@ impl Subjects {
     /// `subjects.md` lists the same for the default prefix; a test holds
     /// them equal, another loads them into a nats-server.
     pub fn permissions(&self, role: Role, inbox: &str) -> (Vec<String>, Vec<String>) {
+        self.permissions_for(role, inbox, None)
+    }
+
+    /// [`Subjects::permissions`], with the task rights of an operator or
+    /// reader limited to the workloads `ids` when given: their task
+    /// subjects one by one, and no fan-out (NATS cannot check a fan-out's
+    /// selection, which is in its payload).
+    pub fn permissions_for(
+        &self,
+        role: Role,
+        inbox: &str,
+        ids: Option<&[String]>,
+    ) -> (Vec<String>, Vec<String>) {
         let p = &self.prefix;
+        let tasks = |class: Option<CommandClass>| -> Vec<String> {
+            match ids {
+                None => vec![
+                    self.task_wildcard(class),
+                    match class {
+                        Some(c) => self.fanout(c),
+                        None => self.fanout_served(),
+                    },
+                ],
+                Some(ids) => ids
+                    .iter()
+                    .map(|id| match class {
+                        Some(c) => self.task(c, id),
+                        None => self.task_served(id),
+                    })
+                    .collect(),
+            }
+        };
         let buckets = [
             self.workloads_bucket(),
             self.nodes_bucket(),
@@ -246,18 +363,21 @@ impl Subjects {
                     publish.extend(read(b));
                 }
                 subscribe.extend([
-                    self.task_wildcard(),
-                    self.fanout(),
+                    self.task_wildcard(None),
+                    self.fanout_served(),
                     format!("{inbox}.>"),
                     "$SRV.>".to_string(),
                     format!("{p}.node.*.status"),
                 ]);
             }
-            Role::Operator | Role::Watcher => {
-                if role == Role::Operator {
-                    publish.push(format!("$KV.{}.>", self.workloads_bucket()));
-                    publish.push(self.task_wildcard());
-                    publish.push(self.fanout());
+            Role::Operator | Role::Reader | Role::Watcher => {
+                match role {
+                    Role::Operator => {
+                        publish.push(format!("$KV.{}.>", self.workloads_bucket()));
+                        publish.extend(tasks(None));
+                    }
+                    Role::Reader => publish.extend(tasks(Some(CommandClass::Read))),
+                    _ => {}
                 }
                 publish.extend(["$JS.FC.>".to_string(), "$JS.API.INFO".to_string()]);
                 for b in &buckets {
@@ -271,8 +391,8 @@ impl Subjects {
     }
 
     /// [`Subjects::permissions`] as a nats-server `permissions` block.
-    pub fn permissions_conf(&self, role: Role, inbox: &str) -> String {
-        let (p, s) = self.permissions(role, inbox);
+    pub fn permissions_conf(&self, role: Role, inbox: &str, ids: Option<&[String]>) -> String {
+        let (p, s) = self.permissions_for(role, inbox, ids);
         let list = |v: &[String]| {
             v.iter()
                 .map(|x| format!("      {x:?}"))

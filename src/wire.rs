@@ -45,11 +45,14 @@ pub enum ErrorCode {
     /// The device answered with a protocol error; the message starts with
     /// the protocol's own code (`exception 2: …`, `noSuchName: …`, `404: …`).
     DeviceError,
+    /// A write-class command arrived on a read subject
+    /// (`<prefix>.task.read.<id>`, `<prefix>.fanout.read`).
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::NotFound,
         ErrorCode::Busy,
         ErrorCode::DeadlineExceeded,
@@ -64,6 +67,7 @@ impl ErrorCode {
         ErrorCode::Unreachable,
         ErrorCode::AuthFailed,
         ErrorCode::DeviceError,
+        ErrorCode::Forbidden,
     ];
 
     /// Its position in [`ErrorCode::ALL`].
@@ -88,6 +92,7 @@ impl ErrorCode {
             ErrorCode::Unreachable => "unreachable",
             ErrorCode::AuthFailed => "auth_failed",
             ErrorCode::DeviceError => "device_error",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -165,6 +170,13 @@ pub struct TaskResult {
     pub timestamp: SystemTime,
     /// How long the device took, in milliseconds.
     pub execution_time: f64,
+    /// The schedule whose tick this run was (scheduled runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
+    /// The tick (its nominal time; scheduled runs only): with `scheduleId`
+    /// the run's identity.
+    #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub tick: Option<SystemTime>,
 }
 
 /// RFC 3339 timestamps for `SystemTime` fields.
@@ -232,6 +244,8 @@ mod tests {
             ret: Value::Null,
             timestamp: SystemTime::UNIX_EPOCH,
             execution_time: 1.5,
+            schedule_id: None,
+            tick: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         for key in [
@@ -396,7 +410,7 @@ fn one() -> f64 {
     1.0
 }
 
-/// A fan-out request on `<prefix>.fanout`: a task for every workload that
+/// A fan-out request on `<prefix>.fanout.<class>`: a task for every workload that
 /// matches the selection (both filters when both are given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,8 +482,8 @@ mod glob_tests {
             let json = serde_json::to_string(c).unwrap();
             assert_eq!(json, format!("\"{}\"", c.as_str()));
         }
-        // A code added after DeviceError must be added to ALL too.
-        assert_eq!(ErrorCode::DeviceError.index() + 1, ErrorCode::ALL.len());
+        // A code added after Forbidden must be added to ALL too.
+        assert_eq!(ErrorCode::Forbidden.index() + 1, ErrorCode::ALL.len());
     }
 
     use super::glob_match;

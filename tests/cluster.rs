@@ -163,7 +163,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     let nc = &op.client;
 
     let ok = ask(
-        "otto.task.t1",
+        "otto.task.write.t1",
         br#"{"command":"echo","args":[1,"x"],"kwargs":{"k":true}}"#.to_vec(),
     )
     .await;
@@ -199,7 +199,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     // Unknown workload: NATS "no responders", at once.
     let t = std::time::Instant::now();
     let err = nc
-        .request("otto.task.ghost", Bytes::from_static(b"{}"))
+        .request("otto.task.write.ghost", Bytes::from_static(b"{}"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
@@ -207,23 +207,23 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
 
     let code = |v: &Value| v["errorCode"].as_str().unwrap_or("").to_string();
     assert_eq!(
-        code(&ask("otto.task.t1", b"{nope".to_vec()).await),
+        code(&ask("otto.task.write.t1", b"{nope".to_vec()).await),
         "malformed_request"
     );
     assert_eq!(
-        code(&ask("otto.task.t1", br#"{"args":[]}"#.to_vec()).await),
+        code(&ask("otto.task.write.t1", br#"{"args":[]}"#.to_vec()).await),
         "malformed_request"
     );
     assert_eq!(
-        code(&ask("otto.task.t1", br#"{"command":"frob"}"#.to_vec()).await),
+        code(&ask("otto.task.write.t1", br#"{"command":"frob"}"#.to_vec()).await),
         "unknown_command"
     );
     assert_eq!(
-        code(&ask("otto.task.t1", br#"{"command":"sleep"}"#.to_vec()).await),
+        code(&ask("otto.task.write.t1", br#"{"command":"sleep"}"#.to_vec()).await),
         "invalid_args"
     );
     assert_eq!(
-        code(&ask("otto.task.t1", br#"{"command":"fail"}"#.to_vec()).await),
+        code(&ask("otto.task.write.t1", br#"{"command":"fail"}"#.to_vec()).await),
         "task_failed"
     );
     let big = format!(
@@ -231,11 +231,11 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
         "x".repeat(100 * 1024)
     );
     assert_eq!(
-        code(&ask("otto.task.t1", big.into_bytes()).await),
+        code(&ask("otto.task.write.t1", big.into_bytes()).await),
         "payload_too_large"
     );
     let late = ask(
-        "otto.task.t1",
+        "otto.task.write.t1",
         br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":100}"#.to_vec(),
     )
     .await;
@@ -243,7 +243,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     // t2 has a queue of 1: of three at once, one runs, one waits, one is busy.
     let slow = || {
         ask(
-            "otto.task.t2",
+            "otto.task.write.t2",
             br#"{"command":"sleep","kwargs":{"ms":1500}}"#.to_vec(),
         )
     };
@@ -268,7 +268,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     headers.insert("Otto-Encoding", "bincode-v1");
     let reply = nc
         .request_with_headers(
-            "otto.task.t1",
+            "otto.task.write.t1",
             headers,
             Bytes::from(ottomato::wire::bin::encode_request(&req)),
         )
@@ -291,7 +291,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Otto-Encoding", "msgpack");
     let reply = nc
-        .request_with_headers("otto.task.t1", headers, Bytes::from_static(b"x"))
+        .request_with_headers("otto.task.write.t1", headers, Bytes::from_static(b"x"))
         .await
         .unwrap();
     assert_eq!(
@@ -303,7 +303,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
     let inbox = nc.new_inbox();
     let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
     nc.publish_with_reply(
-        "otto.fanout",
+        "otto.fanout.write",
         inbox,
         Bytes::from(json!({"labels": {"site": "oslo"}, "command": "hello"}).to_string()),
     )
@@ -610,7 +610,7 @@ async fn deleting_a_spec_stops_it_everywhere_and_readding_brings_it_back() {
     let reply = op
         .client
         .request(
-            "otto.task.d3",
+            "otto.task.write.d3",
             Bytes::from_static(br#"{"command":"hello"}"#),
         )
         .await
@@ -697,31 +697,24 @@ fn subjects_md_documents_every_subject_bucket_code_and_event() {
     }
     let s = Subjects::default();
     for name in [
-        s.task("ID"),
-        s.fanout(),
+        s.task(ottomato::CommandClass::Read, "ID"),
+        s.task(ottomato::CommandClass::Write, "ID"),
+        s.fanout(ottomato::CommandClass::Read),
+        s.fanout(ottomato::CommandClass::Write),
         s.workloads_bucket(),
         s.nodes_bucket(),
         s.state_bucket(),
     ] {
         let generic = name
             .replace("ID", "<workload-id>")
-            .replace("otto", "<prefix>");
+            .replace("otto", "<prefix>")
+            .replace(".read", ".<class>")
+            .replace(".write", ".<class>");
         if !doc.contains(&generic) {
             missing.push(generic);
         }
     }
-    for code in [
-        "not_found",
-        "busy",
-        "deadline_exceeded",
-        "unknown_command",
-        "invalid_args",
-        "task_failed",
-        "panicked",
-        "unavailable",
-        "malformed_request",
-        "payload_too_large",
-    ] {
+    for code in ottomato::ErrorCode::ALL.map(|c| c.as_str()) {
         let parsed: ottomato::ErrorCode = serde_json::from_value(json!(code)).unwrap();
         assert_eq!(parsed.as_str(), code);
         if !doc.contains(&format!("`{code}`")) {
@@ -1174,6 +1167,7 @@ fn permissions_command_prints_what_subjects_md_recommends() {
     for (role, title) in [
         ("node", "Worker node"),
         ("operator", "Operator client"),
+        ("reader", "Read-only operator"),
         ("watcher", "Read-only watcher"),
     ] {
         let (code, out, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", role]);
@@ -1209,13 +1203,30 @@ fn permissions_command_prints_what_subjects_md_recommends() {
     );
     assert_eq!(code, 0);
     assert!(
-        out.contains("\"site7.task.*\"") && out.contains("\"_INBOX.alice.>\""),
+        out.contains("\"site7.task.*.*\"") && out.contains("\"_INBOX.alice.>\""),
         "{out}"
     );
     assert!(!out.contains("otto"), "{out}");
+    // A reader limited to one workload: its read subject only, no fan-out.
+    let (code, out, err) = support::cli(
+        "nats://127.0.0.1:1",
+        &["permissions", "--role", "reader", "--select", "plc-7"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"otto.task.read.plc-7\""), "{out}");
+    assert!(
+        !out.contains("otto.task.read.*") && !out.contains("fanout"),
+        "{out}"
+    );
+    let (code, _, err) = support::cli(
+        "nats://127.0.0.1:1",
+        &["permissions", "--role", "watcher", "--select", "plc-7"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("operator and reader"), "{err}");
     let (code, _, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", "admin"]);
     assert_ne!(code, 0);
-    assert!(err.contains("node, operator, watcher"), "{err}");
+    assert!(err.contains("node, operator, reader, watcher"), "{err}");
     // Prefixes that would share inboxes, or that nodes could not reply to.
     for bad in ["_INBOX", "alice", "otto", "_INBOX.*"] {
         let (code, _, err) = support::cli(

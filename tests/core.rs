@@ -12,8 +12,8 @@ use ottomato::events::EventReceiver;
 use ottomato::store::{MemoryStore, StateStore};
 use ottomato::transport::{MemoryTransport, Message, Transport, TransportError};
 use ottomato::{
-    ConfigError, ErrorCode, Event, Kind, Node, NodeConfig, NodeError, RestartPolicy, Status, Task,
-    TaskError, Workload, WorkloadError, WorkloadSpec,
+    CommandClass, ConfigError, ErrorCode, Event, Kind, Node, NodeConfig, NodeError, RestartPolicy,
+    Status, Task, TaskError, Workload, WorkloadError, WorkloadSpec,
 };
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -547,37 +547,88 @@ async fn tasks_over_the_transport_speak_json_and_refuse_bad_input() {
         }
     };
     let ok = ask(
-        "otto.task.t1",
+        "otto.task.write.t1",
         br#"{"command":"echo","args":[1],"kwargs":{"x":true}}"#,
     )
     .await
     .unwrap();
     assert_eq!(ok["success"], true);
     assert_eq!(ok["return"], json!({"args": [1], "kwargs": {"x": true}}));
-    let bad = ask("otto.task.t1", b"{not json").await.unwrap();
+    let bad = ask("otto.task.write.t1", b"{not json").await.unwrap();
     assert_eq!(
         (bad["success"].clone(), bad["errorCode"].clone()),
         (json!(false), json!("malformed_request"))
     );
     let big = vec![b' '; 2 * 1024 * 1024];
-    let too_big = ask("otto.task.t1", &big).await.unwrap();
+    let too_big = ask("otto.task.write.t1", &big).await.unwrap();
     assert_eq!(too_big["errorCode"], "payload_too_large");
     let deadline = ask(
-        "otto.task.t1",
+        "otto.task.write.t1",
         br#"{"command":"sleep","kwargs":{"ms":5000},"timeoutMs":50}"#,
     )
     .await
     .unwrap();
     assert_eq!(deadline["errorCode"], "deadline_exceeded");
     assert_eq!(
-        ask("otto.task.nobody", br#"{"command":"echo"}"#).await,
-        Err(TransportError::NoResponders("otto.task.nobody".into()))
+        ask("otto.task.write.nobody", br#"{"command":"echo"}"#).await,
+        Err(TransportError::NoResponders(
+            "otto.task.write.nobody".into()
+        ))
     );
+    // Command classes: the read subject runs reads and refuses writes
+    // before they reach the device; the write subject runs both.
+    let read = ask("otto.task.read.t1", br#"{"command":"echo","args":[2]}"#)
+        .await
+        .unwrap();
+    assert_eq!(read["success"], true, "{read}");
+    let set = br#"{"command":"set","kwargs":{"ping_ms":7}}"#;
+    let smuggled = ask("otto.task.read.t1", set).await.unwrap();
+    assert_eq!(smuggled["errorCode"], "forbidden", "{smuggled}");
+    assert!(
+        smuggled["error"]
+            .as_str()
+            .unwrap()
+            .contains("write subject"),
+        "{smuggled}"
+    );
+    let info = node.run_task("t1", Task::new("info")).await;
+    assert_ne!(
+        info.ret["ping_ms"],
+        json!(7),
+        "a forbidden set changed the device"
+    );
+    let unknown = ask("otto.task.read.t1", br#"{"command":"frobnicate"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        unknown["errorCode"], "forbidden",
+        "unknown commands count as writes"
+    );
+    let written = ask("otto.task.write.t1", set).await.unwrap();
+    assert_eq!(written["success"], true, "{written}");
+    let bogus = ask("otto.task.admin.t1", br#"{"command":"echo"}"#)
+        .await
+        .unwrap();
+    assert_eq!(bogus["errorCode"], "malformed_request", "{bogus}");
+    assert!(
+        bogus["error"].as_str().unwrap().contains("\"admin\""),
+        "{bogus}"
+    );
+    // The same split through the library API.
+    let api = node
+        .run_task_as(
+            "t1",
+            Task::new("set"),
+            CommandClass::Read,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(api.error_code, Some(ErrorCode::Forbidden));
     // Deleting the workload stops serving its subject.
     node.delete_workload("t1").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match ask("otto.task.t1", br#"{"command":"echo"}"#).await {
+        match ask("otto.task.write.t1", br#"{"command":"echo"}"#).await {
             Err(TransportError::NoResponders(_)) => break,
             _ => assert!(
                 std::time::Instant::now() < deadline,
@@ -596,7 +647,7 @@ async fn a_queued_transport_task_is_answered_at_its_own_deadline() {
         async move {
             let reply = t
                 .request(
-                    "otto.task.q1",
+                    "otto.task.write.q1",
                     Message::new(Bytes::from_static(body)),
                     Duration::from_secs(30),
                 )

@@ -291,9 +291,10 @@ fn auth_conf() -> String {
         )
     };
     format!(
-        "authorization {{\n  users = [\n    {},\n    {},\n    {}\n  ]\n}}\n",
+        "authorization {{\n  users = [\n    {},\n    {},\n    {},\n    {}\n  ]\n}}\n",
         user("node", "npw", "Worker node"),
         user("op", "opw", "Operator client"),
+        user("reader", "rpw", "Read-only operator"),
         user("watcher", "wpw", "Read-only watcher")
     )
 }
@@ -456,6 +457,133 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
     .unwrap();
     assert_ne!(code, 0, "the watcher added a workload");
     assert!(!err.is_empty());
+
+    // The read-only operator, from the CLI: reads run; a write is refused
+    // by NATS itself on the write subject, and by the node (`forbidden`)
+    // when smuggled onto the read subject; the same for fan-out.
+    let reader = |extra: &[&'static str]| -> Vec<&'static str> {
+        [
+            &[
+                "--user",
+                "reader",
+                "--password",
+                "rpw",
+                "--inbox-prefix",
+                "_INBOX.reader",
+            ][..],
+            extra,
+        ]
+        .concat()
+    };
+    let set: &[&str] = &["--kwargs", r#"{"ping_ms": 5}"#, "--timeout", "3s"];
+    let (code, out, err) = run(reader(&[
+        "--task-class",
+        "read",
+        "task",
+        "run",
+        "w1",
+        "echo",
+        "7",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "reader's read: {out}{err}");
+    let (code, out, _) = run(reader(
+        &[
+            &["--task-class", "read", "task", "run", "w1", "set"][..],
+            set,
+        ]
+        .concat(),
+    ))
+    .await
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(out.contains("forbidden"), "{out}");
+    let (code, _, err) = run(reader(&[&["task", "run", "w1", "set"][..], set].concat()))
+        .await
+        .unwrap();
+    assert_ne!(code, 0, "the reader wrote to a device");
+    assert!(
+        err.to_lowercase().contains("permissions violation") && err.contains("otto.task.write.w1"),
+        "{err}"
+    );
+    let (code, out, err) = run(reader(&[
+        "--task-class",
+        "read",
+        "task",
+        "run",
+        "--select",
+        "w*",
+        "hello",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "reader's read fan-out: {out}{err}");
+    assert!(out.contains("hello from w1"), "{out}");
+    let (code, out, _) = run(reader(
+        &[
+            &[
+                "--task-class",
+                "read",
+                "task",
+                "run",
+                "--select",
+                "w*",
+                "set",
+            ][..],
+            set,
+        ]
+        .concat(),
+    ))
+    .await
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(out.contains("forbidden"), "{out}");
+    let (code, _, err) = run(reader(
+        &[&["task", "run", "--select", "w*", "set"][..], set].concat(),
+    ))
+    .await
+    .unwrap();
+    assert_ne!(code, 0, "the reader fanned out a write");
+    assert!(
+        err.to_lowercase().contains("permissions violation") && err.contains("otto.fanout.write"),
+        "{err}"
+    );
+
+    // Task rights for a selection, listed from the workloads bucket.
+    let (code, out, err) = run(reader(&[
+        "permissions",
+        "--role",
+        "reader",
+        "--select",
+        "w*",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\"otto.task.read.w1\"") && !out.contains("fanout"),
+        "{out}"
+    );
+
+    // The same roles from a plain nats-py client.
+    support::peers::ensure_pip("nats-py", "nats");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/roles_check.py");
+    let url2 = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &url2, "w1"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("OK"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Wrong or missing credentials: one clear line, non-zero exit.
     for args in [

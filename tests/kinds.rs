@@ -12,15 +12,20 @@ use serde_json::{json, Value};
 use support::peers::{self, low_port, Tls};
 use support::{eventually, NatsServer, NodeProc, Operator, TempDir};
 
-/// Sends a task over plain NATS and returns the reply.
+/// Sends a task over plain NATS (on the write subject) and returns the reply.
 async fn task(op: &Operator, id: &str, command: &str, kwargs: Value) -> Value {
+    task_as(op, "write", id, command, kwargs).await
+}
+
+/// Sends a task on the `class` subject and returns the reply.
+async fn task_as(op: &Operator, class: &str, id: &str, command: &str, kwargs: Value) -> Value {
     let body = json!({"command": command, "kwargs": kwargs});
     let req = async_nats::Request::new()
         .payload(Bytes::from(body.to_string()))
         .timeout(Some(Duration::from_secs(20)));
     let m = op
         .client
-        .send_request(format!("otto.task.{id}"), req)
+        .send_request(format!("otto.task.{class}.{id}"), req)
         .await
         .unwrap_or_else(|e| panic!("{command} on {id}: no reply: {e}"));
     serde_json::from_slice(&m.payload).unwrap()
@@ -756,7 +761,7 @@ async fn ssh_exec_and_interactive_send_with_a_pinned_host_key_against_openssh() 
     let op = &c.op;
     let spec = |creds: &str, pin: (&str, String)| {
         let mut config = json!({"host": "127.0.0.1", "port": port, "credentials": creds,
-                                "timeoutMs": 2000});
+                                "timeoutMs": 2000, "readOnlyCommands": ["uname -s"]});
         config[pin.0] = json!(pin.1);
         json!({"kind": "ssh", "config": config})
     };
@@ -809,6 +814,30 @@ async fn ssh_exec_and_interactive_send_with_a_pinned_host_key_against_openssh() 
     )
     .await;
     assert_eq!(v["outputs"], json!(["hello", "a\nb"]), "{v}");
+    // Only the exact command lines the spec lists run on the read subject.
+    let r = task_as(op, "read", "srv-1", "exec", json!({"command": "uname -s"})).await;
+    assert_eq!(r["return"]["stdout"], "Linux\n", "{r}");
+    let r = task_as(
+        op,
+        "read",
+        "srv-1",
+        "send",
+        json!({"commands": ["uname -s"]}),
+    )
+    .await;
+    assert_eq!(r["return"]["outputs"], json!(["Linux"]), "{r}");
+    for (command, kwargs) in [
+        (
+            "exec",
+            json!({"command": "uname -s; touch /tmp/ottomato-forbidden"}),
+        ),
+        ("exec", json!({"command": "echo hi"})),
+        ("send", json!({"commands": ["uname -s", "echo hi"]})),
+    ] {
+        let r = task_as(op, "read", "srv-1", command, kwargs.clone()).await;
+        assert_eq!(r["errorCode"], "forbidden", "{command} {kwargs}: {r}");
+    }
+    assert!(!std::path::Path::new("/tmp/ottomato-forbidden").exists());
     let (code, _) = fails(op, "srv-1", "exec", json!({"cmd": "typo"})).await;
     assert_eq!(code, "invalid_args");
 

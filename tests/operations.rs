@@ -21,7 +21,7 @@ async fn task(op: &Operator, id: &str, command: &str) -> Value {
         .timeout(Some(Duration::from_secs(10)));
     let m = op
         .client
-        .send_request(format!("otto.task.{id}"), req)
+        .send_request(format!("otto.task.write.{id}"), req)
         .await
         .unwrap();
     serde_json::from_slice(&m.payload).unwrap()
@@ -146,7 +146,10 @@ async fn a_nodes_metrics_count_what_it_did_and_parse_as_openmetrics() {
             let req = async_nats::Request::new()
                 .payload(Bytes::from(r#"{"command":"sleep","kwargs":{"ms":1500}}"#))
                 .timeout(Some(Duration::from_secs(15)));
-            client.send_request("otto.task.ok-1", req).await.map(|_| ())
+            client
+                .send_request("otto.task.write.ok-1", req)
+                .await
+                .map(|_| ())
         }));
     }
     eventually(10, "two tasks queued", || async {

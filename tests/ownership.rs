@@ -30,7 +30,10 @@ async fn task(
     let req = async_nats::Request::new()
         .payload(Bytes::from(body.to_string()))
         .timeout(Some(timeout));
-    match client.send_request(format!("otto.task.{id}"), req).await {
+    match client
+        .send_request(format!("otto.task.write.{id}"), req)
+        .await
+    {
         Ok(m) => Ok(serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?),
         Err(e) => Err(e.to_string()),
     }
@@ -234,7 +237,7 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
                     let body = Bytes::from_static(br#"{"command":"hello"}"#);
                     let reply = format!("_INBOX_TEST.{n}.{id}");
                     let _ = client
-                        .publish_with_reply(format!("otto.task.{id}"), reply, body)
+                        .publish_with_reply(format!("otto.task.write.{id}"), reply, body)
                         .await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -313,7 +316,7 @@ async fn replies_per_request(op: &Operator, ids: &[String]) -> HashMap<String, V
     for id in ids {
         op.client
             .publish_with_reply(
-                format!("otto.task.{id}"),
+                format!("otto.task.write.{id}"),
                 format!("{tag}.{id}"),
                 Bytes::from_static(br#"{"command":"hello"}"#),
             )

@@ -481,7 +481,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
                 let body = json!({"command": "work", "kwargs": {"ms": ms}, "timeoutMs": 10_000});
                 let _ = ottomato::transport::Transport::request(
                     &t,
-                    &format!("otto.task.{id}"),
+                    &format!("otto.task.write.{id}"),
                     ottomato::transport::Message::new(body.to_string()),
                     Duration::from_secs(11),
                 )

@@ -23,6 +23,7 @@
 //!   401/403 → `auth_failed`; any other 4xx/5xx → `device_error` with code
 //!   `http <status>` and the start of the body; a certificate the node does
 //!   not trust → `auth_failed`.
+//! - Command classes: `get` is `read`; `post`, `put`, `patch`, `delete` are `write`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -33,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 use crate::common::{config_error, default_timeout_ms, ms, parse_config, parse_kwargs, NetError};
 use crate::credentials::{Credential, Credentials};
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// The `http` kind; resolves credentials from `credentials`.
 #[derive(Debug, Clone, Default)]
@@ -353,6 +354,13 @@ impl Workload for HttpWorkload {
 
     async fn ping(&self) -> Result<(), WorkloadError> {
         self.health().await.map_err(Into::into)
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        match task.command.as_str() {
+            "get" => CommandClass::Read,
+            _ => CommandClass::Write,
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

@@ -35,7 +35,7 @@ mod workload;
 use std::sync::Arc;
 
 pub use credentials::{Credential, Credentials};
-pub use workload::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+pub use workload::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// Every kind this crate was compiled with (`sim`, `tcp`, and `http` and
 /// `modbus` with their features), resolving named credentials from

@@ -23,6 +23,7 @@
 //! - `read` `{register, address, type, order?, scale?}` → `{"value": …}` (one decoded field)
 //! - `write` `{address, type, order?, value}`: encodes a typed value into holding registers
 //! - `poll` → `{"fields": {"voltage": 230.1, …}}`: every configured field
+//! - Command classes: `read_*`, `read` and `poll` are `read`; `write_*` and `write` are `write`.
 //!
 //! Types: `int16 uint16 int32 uint32 int64 uint64 float32 float64`; orders
 //! `ABCD` (big-endian, the default), `DCBA`, `BADC`, `CDAB`.
@@ -42,7 +43,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 use crate::common::{
     config_error, default_timeout_ms, ms, parse_config, parse_kwargs, within, NetError,
 };
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// The `modbus` kind (Modbus/TCP).
 #[derive(Debug, Clone, Default)]
@@ -560,6 +561,18 @@ impl Workload for ModbusWorkload {
 
     async fn ping(&self) -> Result<(), WorkloadError> {
         self.ping_once().await.map_err(Into::into)
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        match task.command.as_str() {
+            "read_coils"
+            | "read_discrete_inputs"
+            | "read_holding_registers"
+            | "read_input_registers"
+            | "read"
+            | "poll" => CommandClass::Read,
+            _ => CommandClass::Write,
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

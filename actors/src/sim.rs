@@ -15,7 +15,8 @@
 //! greeting), `sleep` (kwarg `ms`), `fail` (returns an error, kwarg `message`),
 //! `panic` (panics, to exercise supervision), `info` (the instance's settings
 //! and counters), `set` (changes `ping_fail_rate` / `ping_ms` at run time, so
-//! a test or demo can make a device go down and come back).
+//! a test or demo can make a device go down and come back). Command class:
+//! `set` is `write`, the rest `read`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// The `sim` kind.
 #[derive(Debug, Default, Clone, Copy)]
@@ -186,6 +187,14 @@ impl Workload for SimDevice {
             return Err(WorkloadError::new("simulated ping failure"));
         }
         Ok(())
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        // `set` changes the simulated device; everything else only reads it.
+        match task.command.as_str() {
+            "echo" | "hello" | "sleep" | "fail" | "panic" | "info" => CommandClass::Read,
+            _ => CommandClass::Write,
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

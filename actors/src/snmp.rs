@@ -29,7 +29,7 @@
 //!   endOfMibView), `set` `{oid, type, value}` (types `integer`, `string`,
 //!   `hex`, `oid`, `ipaddress`, `counter32`, `gauge32`, `timeticks`,
 //!   `counter64`), `poll` (the configured fields and tables; table rows
-//!   joined by index).
+//!   joined by index). Command classes: `set` is `write`, the rest `read`.
 //! - Every value comes back as `{"oid", "type", "value"}`; strings that are
 //!   not UTF-8 come back as hex. `poll` gives bare values, converted as a
 //!   field or column says (`float(N)`, `float`, `int`, `hwaddr`, `ipaddr`).
@@ -53,7 +53,7 @@ use tokio::sync::OnceCell;
 
 use crate::common::{config_error, ms, parse_config, parse_kwargs, within, NetError};
 use crate::credentials::{Credential, Credentials};
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// `sysUpTime.0`: what `init` and `ping` read.
 const SYS_UPTIME: &str = "1.3.6.1.2.1.1.3.0";
@@ -701,6 +701,13 @@ impl Workload for SnmpWorkload {
 
     async fn ping(&self) -> Result<(), WorkloadError> {
         self.uptime().await.map_err(Into::into)
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        match task.command.as_str() {
+            "get" | "getnext" | "walk" | "bulkwalk" | "poll" => CommandClass::Read,
+            _ => CommandClass::Write,
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

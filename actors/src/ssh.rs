@@ -24,6 +24,12 @@
 //!   command sent after the prompt (`prompt`, a regex matched at the end of
 //!   the output) → `{"outputs": [..]}`, escape codes stripped, the echoed
 //!   command and the prompt removed.
+//! - Command classes: `exec` and `send` may change anything, so they are
+//!   `write` — except the exact command lines listed in the config's
+//!   `readOnlyCommands` (`["show version", "show running-config"]`): an
+//!   `exec` of one of them, or a `send` of only such lines, is `read` and may
+//!   come on a read subject. Matching is exact (no patterns: `show x; reload`
+//!   is not `show x`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +44,7 @@ use tokio::sync::Mutex;
 
 use crate::common::{config_error, ms, parse_config, parse_kwargs, within, NetError};
 use crate::credentials::{Credential, Credentials};
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// The `ssh` kind; resolves credentials from `credentials`.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +74,8 @@ struct SshConfig {
     timeout_ms: u64,
     #[serde(default = "default_prompt")]
     prompt: String,
+    #[serde(default)]
+    read_only_commands: Vec<String>,
 }
 
 const fn default_port() -> u16 {
@@ -601,6 +609,32 @@ impl Workload for SshWorkload {
                 .into());
         }
         Ok(())
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        // A shell command may change anything, so only the exact command
+        // lines the spec lists in `readOnlyCommands` are reads.
+        let listed = |c: &str| self.cfg.read_only_commands.iter().any(|r| r == c);
+        let read = match task.command.as_str() {
+            "exec" => task
+                .kwargs
+                .get("command")
+                .and_then(Value::as_str)
+                .is_some_and(listed),
+            "send" => task
+                .kwargs
+                .get("commands")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    !cs.is_empty() && cs.iter().all(|c| c.as_str().is_some_and(listed))
+                }),
+            _ => false,
+        };
+        if read {
+            CommandClass::Read
+        } else {
+            CommandClass::Write
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

@@ -4,7 +4,7 @@
 //! Config: `{"host": "10.0.0.7", "port": 502, "timeoutMs": 5000}`.
 //! - `init` and `ping`: a TCP connect within `timeoutMs`, closed at once.
 //! - task `probe`: the same connect, answered with
-//!   `{"address": "10.0.0.7:502", "connectMs": 0.42}`.
+//!   `{"address": "10.0.0.7:502", "connectMs": 0.42}`. Class `read`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::common::{default_timeout_ms, ms, parse_config, within, NetError};
-use crate::{ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
+use crate::{CommandClass, ConfigError, Kind, Task, TaskError, Workload, WorkloadError};
 
 /// The `tcp` kind.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +78,13 @@ impl Workload for TcpWorkload {
 
     async fn ping(&self) -> Result<(), WorkloadError> {
         self.connect().await.map(drop).map_err(Into::into)
+    }
+
+    fn command_class(&self, task: &Task) -> CommandClass {
+        match task.command.as_str() {
+            "probe" => CommandClass::Read,
+            _ => CommandClass::Write,
+        }
     }
 
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError> {

@@ -41,6 +41,56 @@ impl Task {
     }
 }
 
+/// Whether a command only reads the device or may change it. Task subjects
+/// carry the class (`<prefix>.task.read.<id>`, `<prefix>.task.write.<id>`), so
+/// NATS permissions can grant read-only task rights; a node refuses a
+/// write-class command that arrives on a read subject (`forbidden`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandClass {
+    /// Reads only: safe to grant to a read-only operator.
+    Read,
+    /// May change the device (a write subject also runs read commands).
+    Write,
+}
+
+impl CommandClass {
+    /// Both classes, read first.
+    pub const ALL: [CommandClass; 2] = [CommandClass::Read, CommandClass::Write];
+
+    /// The subject token: `read` or `write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandClass::Read => "read",
+            CommandClass::Write => "write",
+        }
+    }
+
+    /// Whether a request sent with this class may run a command of class `command`.
+    pub fn permits(self, command: CommandClass) -> bool {
+        self == CommandClass::Write || command == CommandClass::Read
+    }
+}
+
+impl std::fmt::Display for CommandClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CommandClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(CommandClass::Read),
+            "write" => Ok(CommandClass::Write),
+            other => Err(format!(
+                "unknown command class {other:?}: expected \"read\" or \"write\""
+            )),
+        }
+    }
+}
+
 /// Why a task did not produce a return value. The engine turns each variant
 /// into a wire error code (`unknown_command`, `invalid_args`, `task_failed`,
 /// `timeout`, `unreachable`, `auth_failed`, `device_error`).
@@ -130,6 +180,14 @@ pub trait Workload: Send + Sync + 'static {
     async fn run_task(&self, task: &Task) -> Result<Value, TaskError>;
     /// Disconnects. Called on delete, with the node's stop timeout.
     async fn stop(&self) -> Result<(), WorkloadError>;
+    /// Whether `task` only reads the device or may change it. The default,
+    /// for kinds that do not say, is [`CommandClass::Write`]: a read-only
+    /// operator runs nothing on them until the kind declares its reads.
+    /// Must be cheap and must not do I/O (it runs on the node's request path).
+    fn command_class(&self, task: &Task) -> CommandClass {
+        let _ = task;
+        CommandClass::Write
+    }
     /// Free-form information shown by `info`-style tooling.
     fn info(&self) -> Value {
         Value::Null

@@ -84,7 +84,7 @@ pub(crate) enum BenchCommand {
         after_help = "Examples:\n  ottomato bench all --quick      # about a minute, CI's smoke run\n  ottomato bench all              # default sizes (100k claims/memory, 30k failover/scale-out/fan-out, 10k tasks)"
     )]
     All(Opts),
-    /// (internal) a raw echo responder on <prefix>.task.dev-<i>.
+    /// (internal) a raw echo responder on <prefix>.task.*.dev-<i>.
     #[command(hide = true)]
     EchoResponder {
         #[arg(long)]

@@ -51,6 +51,11 @@ pub(crate) struct Conn {
     /// permissions can then give each user only its own inboxes) [default: _INBOX].
     #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
     pub(crate) inbox_prefix: Option<String>,
+    /// Send tasks on read or write subjects (otto.task.<class>.<id>): a
+    /// read-only operator uses read; write runs every command.
+    #[arg(long, env = "OTTOMATO_TASK_CLASS", global = true, default_value = "write",
+          value_parser = |s: &str| s.parse::<crate::CommandClass>())]
+    pub(crate) task_class: crate::CommandClass,
 }
 
 impl Conn {
@@ -71,7 +76,9 @@ impl Conn {
     pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         let server = self.server.as_deref().unwrap_or(DEFAULT_SERVER);
         let prefix = self.prefix.as_deref().unwrap_or("otto");
-        Ok(Client::connect_with(server, prefix, &self.auth()).await?)
+        Ok(Client::connect_with(server, prefix, &self.auth())
+            .await?
+            .with_task_class(self.task_class))
     }
 }
 

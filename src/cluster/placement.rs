@@ -29,7 +29,7 @@ const EPSILON: f64 = 0.001;
 
 /// FNV-1a then a splitmix64 finaliser: stable across builds and platforms
 /// (std's hasher is not), so nodes of different versions agree.
-fn stable_hash(node: &str, workload: &str) -> u64 {
+pub(crate) fn stable_hash(node: &str, workload: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in node
         .bytes()

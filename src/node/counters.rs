@@ -32,6 +32,14 @@ pub struct Counters {
     pub(crate) claims: AtomicU64,
     pub(crate) releases: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
+    /// Scheduled runs started.
+    pub(crate) ticks_run: AtomicU64,
+    /// Ticks skipped: the device was still busy with the previous one.
+    pub(crate) ticks_skipped: AtomicU64,
+    /// Ticks shed: too late, or too many runs in flight.
+    pub(crate) ticks_shed: AtomicU64,
+    /// Missed ticks run once on a new owner (`missed: run-once`).
+    pub(crate) ticks_caught_up: AtomicU64,
     /// Tasks waiting in workloads' queues (not yet on the device).
     queued: AtomicI64,
     /// Workloads whose state waits to be written (queued or in flight).
@@ -65,6 +73,20 @@ pub struct Snapshot {
     pub releases: u64,
     /// Lease renewals (cluster mode: acknowledged heartbeats).
     pub lease_renewals: u64,
+    /// Scheduled runs started.
+    pub ticks_run: u64,
+    /// Ticks skipped because the device was busy with the previous one.
+    pub ticks_skipped: u64,
+    /// Ticks shed: late, or too many runs in flight.
+    pub ticks_shed: u64,
+    /// Missed ticks run once on a new owner.
+    pub ticks_caught_up: u64,
+    /// Results stored in the result history.
+    pub results_stored: u64,
+    /// Results dropped: the buffer to the store was full.
+    pub results_dropped: u64,
+    /// Results the store refused (backend errors).
+    pub results_failed: u64,
     /// Tasks waiting in workloads' queues.
     pub queued: i64,
     /// Workloads whose state record waits to be written.
@@ -138,6 +160,13 @@ impl Counters {
             init_failures: get(&self.init_failures),
             restarts: get(&self.restarts),
             fences: get(&self.fences),
+            ticks_run: get(&self.ticks_run),
+            ticks_skipped: get(&self.ticks_skipped),
+            ticks_shed: get(&self.ticks_shed),
+            ticks_caught_up: get(&self.ticks_caught_up),
+            results_stored: 0,
+            results_dropped: 0,
+            results_failed: 0,
             claims: get(&self.claims),
             releases: get(&self.releases),
             lease_renewals: get(&self.lease_renewals),

@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt};
 use crate::subjects::ENCODING_HEADER;
 use crate::transport::{Message, RequestHandler};
 use crate::wire::{bin, ErrorCode, FanoutDone, FanoutRequest, Task, TaskRequest, TaskResult};
+use crate::CommandClass;
 
 use super::Shared;
 
@@ -27,7 +28,9 @@ impl RequestHandler for TaskServer {
         let Some(reply) = reply else {
             return; // a publish without a reply subject: nobody to answer
         };
-        let id = shared.subjects.parse_task(subject).unwrap_or(subject);
+        let Some((class, id)) = shared.subjects.parse_task(subject) else {
+            return; // not a task subject: nothing this handler serves
+        };
         if !shared.owns(shared.slot(id).as_ref()) {
             // Lease run out, fenced, or released: another node may own it
             // now, and its answer must be the only one. Stay silent.
@@ -54,12 +57,14 @@ impl RequestHandler for TaskServer {
                 return;
             }
         };
-        match decode(&shared, &request, bincode) {
-            Ok(req) => {
+        let decoded =
+            parse_class(class).and_then(|class| Ok((class, decode(&shared, &request, bincode)?)));
+        match decoded {
+            Ok((class, req)) => {
                 let (task, timeout) = req.into_parts();
                 let timeout = timeout.unwrap_or(shared.cfg.task_timeout);
                 let sh = shared.clone();
-                shared.submit_task(id, task, timeout, move |r| {
+                shared.submit_task(id, task, class, timeout, move |r| {
                     send_result(sh, reply, r, bincode).boxed()
                 });
             }
@@ -130,6 +135,16 @@ async fn send_result(shared: Arc<Shared>, reply: String, result: TaskResult, bin
     }
 }
 
+/// The command class of a subject's class token.
+fn parse_class(token: &str) -> Result<CommandClass, (ErrorCode, String)> {
+    token.parse().map_err(|e| {
+        (
+            ErrorCode::MalformedRequest,
+            format!("subject: {e} (the token after \"task.\" or \"fanout.\")"),
+        )
+    })
+}
+
 /// Checks the size and decodes a task request.
 fn decode(
     shared: &Shared,
@@ -161,7 +176,7 @@ fn decode(
     })
 }
 
-/// The handler every node registers on `<prefix>.fanout`: runs the task on
+/// The handler every node registers on `<prefix>.fanout.*`: runs the task on
 /// each of its own workloads that match, streams each result to the reply
 /// subject as it comes, then sends one [`FanoutDone`].
 pub(crate) struct FanoutServer {
@@ -172,10 +187,14 @@ pub(crate) struct FanoutServer {
 const FANOUT_CONCURRENCY: usize = 256;
 
 impl RequestHandler for FanoutServer {
-    fn handle(&self, _subject: &str, request: Message, reply: Option<String>) {
+    fn handle(&self, subject: &str, request: Message, reply: Option<String>) {
         let (Some(shared), Some(reply)) = (self.shared.upgrade(), reply) else {
             return;
         };
+        let Some(class) = shared.subjects.parse_fanout(subject) else {
+            return; // not a fan-out subject
+        };
+        let class = parse_class(class);
         tokio::spawn(async move {
             let send = |payload: Vec<u8>| {
                 let shared = shared.clone();
@@ -191,7 +210,9 @@ impl RequestHandler for FanoutServer {
                 }
             };
             let mut results = 0u64;
-            let parsed = if request.payload.len() > shared.cfg.max_payload {
+            let parsed = if let Err(e) = &class {
+                Err(e.clone())
+            } else if request.payload.len() > shared.cfg.max_payload {
                 Err((
                     ErrorCode::PayloadTooLarge,
                     "fan-out request too large".to_string(),
@@ -223,11 +244,12 @@ impl RequestHandler for FanoutServer {
                         args: req.args,
                         kwargs: req.kwargs,
                     };
+                    let class = class.unwrap_or(CommandClass::Read);
                     let mut stream = futures::stream::iter(ids)
                         .map(|id| {
                             let shared = shared.clone();
                             let task = task.clone();
-                            async move { shared.run_task(&id, task, timeout).await }
+                            async move { shared.run_task(&id, task, class, timeout).await }
                         })
                         .buffer_unordered(FANOUT_CONCURRENCY);
                     while let Some(r) = stream.next().await {

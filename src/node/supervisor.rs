@@ -192,7 +192,7 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::Delete(slot) => {
-                let subject = state.shared.subjects.task(&slot.id);
+                let subject = state.shared.subjects.task_served(&slot.id);
                 if let Err(e) = state.shared.unserve_task(&subject).await {
                     state
                         .shared

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use ottomato_actors::{Task, TaskError, Workload};
+use ottomato_actors::{CommandClass, Task, TaskError, Workload};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -49,6 +49,9 @@ pub(crate) struct TaskOutcome {
 
 pub(crate) struct QueuedTask {
     pub(crate) task: Task,
+    /// The class of the subject it came on: a `read` task may run only
+    /// read-class commands.
+    pub(crate) class: CommandClass,
     pub(crate) deadline: Instant,
     pub(crate) reply: Reply,
 }
@@ -265,6 +268,7 @@ impl WorkloadState {
                     task,
                     deadline,
                     reply,
+                    ..
                 } = q;
                 let started = Instant::now();
                 let call = guarded(
@@ -480,6 +484,14 @@ impl WorkloadState {
         Ok(())
     }
 
+    /// The device's class for `task`; a panicking implementation counts as
+    /// `write` (refused on a read subject), and the actor goes on.
+    fn command_class(&self, task: &Task) -> CommandClass {
+        let device = &self.device;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.command_class(task)))
+            .unwrap_or(CommandClass::Write)
+    }
+
     fn on_run_task(&mut self, myself: &ActorRef<WorkloadMsg>, q: QueuedTask) {
         if let Phase::Stopping(ending) = &self.phase {
             let why = match ending {
@@ -487,6 +499,14 @@ impl WorkloadState {
                 _ => "workload is being deleted",
             };
             return q.refuse(ErrorCode::Unavailable, why);
+        }
+        if q.class == CommandClass::Read && self.command_class(&q.task) != CommandClass::Read {
+            let msg = format!(
+                "{:?} may change the device (a write-class command of this kind): \
+                 send it on the write subject, which needs write permission",
+                q.task.command
+            );
+            return q.refuse(ErrorCode::Forbidden, msg);
         }
         if self.queue.len() >= self.queue_capacity() {
             return q.refuse(

@@ -1,4 +1,6 @@
 //! The in-memory [`Transport`]: handlers called directly, in one process.
+//! Serves exact subjects and patterns with one `*` token (what a node
+//! subscribes: `<prefix>.task.*.<id>`, `<prefix>.fanout.*`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,9 +60,32 @@ impl MemoryTransport {
         (name, stream)
     }
 
+    /// Handlers of `subject`: served on it exactly, or on a pattern with
+    /// one `*` token in place of one of its tokens (NATS semantics for such
+    /// patterns).
+    fn handlers(&self, subject: &str) -> Vec<Arc<dyn RequestHandler>> {
+        let t = self.read();
+        let mut out: Vec<Arc<dyn RequestHandler>> =
+            t.served.get(subject).cloned().unwrap_or_default();
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let mut pattern = String::with_capacity(subject.len() + 1);
+        for i in 0..tokens.len() {
+            pattern.clear();
+            for (j, tok) in tokens.iter().enumerate() {
+                if j > 0 {
+                    pattern.push('.');
+                }
+                pattern.push_str(if i == j { "*" } else { tok });
+            }
+            if let Some(v) = t.served.get(&pattern) {
+                out.extend(v.iter().cloned());
+            }
+        }
+        out
+    }
+
     fn deliver(&self, subject: &str, message: Message, reply: Option<String>) -> usize {
-        let handlers: Vec<Arc<dyn RequestHandler>> =
-            self.read().served.get(subject).cloned().unwrap_or_default();
+        let handlers = self.handlers(subject);
         for h in &handlers {
             h.handle(subject, message.clone(), reply.clone());
         }
@@ -97,6 +122,14 @@ impl Transport for MemoryTransport {
         subject: &str,
         handler: Arc<dyn RequestHandler>,
     ) -> Result<(), TransportError> {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let stars = tokens.iter().filter(|t| **t == "*").count();
+        if stars > 1 || tokens.iter().any(|t| t.is_empty() || *t == ">") {
+            return Err(TransportError::Backend(format!(
+                "the in-memory transport serves exact subjects and patterns with one `*` \
+                 token, not {subject:?}"
+            )));
+        }
         self.write()
             .served
             .entry(subject.to_string())

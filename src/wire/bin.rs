@@ -192,6 +192,8 @@ pub fn decode_result(bytes: &[u8]) -> Result<TaskResult, String> {
         ret: b.ret.into(),
         timestamp: UNIX_EPOCH + Duration::from_millis(b.timestamp_unix_ms),
         execution_time: b.execution_time,
+        schedule_id: None,
+        tick: None,
     })
 }
 
@@ -237,6 +239,8 @@ mod tests {
             ret: json!({"r": [1, "two"]}),
             timestamp: now_ms(),
             execution_time: 0.25,
+            schedule_id: None,
+            tick: None,
         };
         assert_eq!(decode_result(&encode_result(&res)).unwrap(), res);
         assert!(decode_request(b"\xff\xff\xff").is_err());

@@ -87,7 +87,7 @@ pub async fn answered_by_owners(op: &Operator, owners: &HashMap<String, String>)
             let reply = op
                 .client
                 .request(
-                    format!("otto.task.{id}"),
+                    format!("otto.task.write.{id}"),
                     Bytes::from_static(br#"{"command":"hello"}"#),
                 )
                 .await

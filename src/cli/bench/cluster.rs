@@ -201,7 +201,7 @@ impl Nats {
             .collect()
     }
 
-    /// Starts a raw echo responder on `<prefix>.task.dev-<i>` for i < n.
+    /// Starts a raw echo responder on `<prefix>.task.*.dev-<i>` for i < n.
     fn echo_responder(&self, prefix: &str, n: usize) -> anyhow::Result<NodeProc> {
         let mut child = Proc::new(std::env::current_exe()?)
             .args(["bench", "echo-responder", "--server", &self.url])
@@ -556,8 +556,10 @@ async fn tasks(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Vec<Row>>
     w.wait_nodes(1).await?;
     w.fill(n, serde_json::json!({})).await?;
     let nc = async_nats::connect(&nats.url).await?;
-    let ours: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("otto.task.dev-{i}")).collect());
-    let raw: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("raw.task.dev-{i}")).collect());
+    let ours: Arc<Vec<String>> =
+        Arc::new((0..n).map(|i| format!("otto.task.write.dev-{i}")).collect());
+    let raw: Arc<Vec<String>> =
+        Arc::new((0..n).map(|i| format!("raw.task.write.dev-{i}")).collect());
     let req = echo_request();
     let mut rows = Vec::new();
     for bincode in [false, true] {
@@ -680,7 +682,7 @@ async fn metrics_cost(n: usize, rounds: usize, opts: &Opts) -> anyhow::Result<Ve
     let nc_off = async_nats::connect(&nats_off.url).await?;
     let nc_on = async_nats::connect(&nats_on.url).await?;
     let subjects: Arc<Vec<String>> =
-        Arc::new((0..n).map(|i| format!("otto.task.dev-{i}")).collect());
+        Arc::new((0..n).map(|i| format!("otto.task.write.dev-{i}")).collect());
     let payload = Bytes::from(serde_json::to_vec(&echo_request())?);
     let conc = 64;
     let warm = Duration::from_millis(200);
@@ -742,7 +744,7 @@ pub(crate) async fn echo_responder(server: &str, prefix: &str, n: usize) -> anyh
     let nc = async_nats::connect(server).await?;
     let mut subs = Vec::with_capacity(n);
     for i in 0..n {
-        subs.push(nc.subscribe(format!("{prefix}.task.dev-{i}")).await?);
+        subs.push(nc.subscribe(format!("{prefix}.task.*.dev-{i}")).await?);
     }
     nc.flush().await?;
     println!("ready");
@@ -1021,7 +1023,7 @@ pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
     let mut subs = Vec::with_capacity(n);
     for i in 0..n {
         actors.push(ractor::Actor::spawn(None, Bare, ()).await?.0);
-        subs.push(nc.subscribe(format!("floor.task.dev-{i}")).await?);
+        subs.push(nc.subscribe(format!("floor.task.*.dev-{i}")).await?);
     }
     nc.flush().await?;
     let after = crate::demo::rss_bytes().unwrap_or(0);
@@ -1092,7 +1094,7 @@ async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                 progress(&format!("round {}/{rounds}: {n} raw requests", r + 1));
                 let t = Instant::now();
                 let ok = futures::stream::iter(0..n)
-                    .map(|i| nc.request(format!("raw.task.dev-{i}"), payload.clone()))
+                    .map(|i| nc.request(format!("raw.task.write.dev-{i}"), payload.clone()))
                     .buffer_unordered(256)
                     .filter(|r| futures::future::ready(r.is_ok()))
                     .count()
