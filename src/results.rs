@@ -25,6 +25,9 @@ use tokio::sync::mpsc;
 use crate::store::StoreError;
 use crate::wire::{glob_match, TaskResult};
 
+mod nats;
+pub use nats::NatsResults;
+
 /// One stored result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredResult {
@@ -52,7 +55,7 @@ pub struct ResultQuery {
 }
 
 impl ResultQuery {
-    fn keeps(&self, workload: &str, source: &str) -> bool {
+    pub(crate) fn keeps(&self, workload: &str, source: &str) -> bool {
         self.select
             .as_deref()
             .is_none_or(|g| glob_match(g, workload))

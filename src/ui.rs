@@ -523,6 +523,7 @@ async fn run_task(shared: &Shared, body: &[u8]) -> Response<Body> {
         args: Vec::new(),
         kwargs: form.kwargs,
         timeout_ms: None,
+        keep_result: false,
     };
     match shared
         .2

@@ -118,6 +118,13 @@ pub struct TaskRequest {
     /// Deadline in milliseconds (the node's default when absent).
     #[serde(default, rename = "timeoutMs", skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Keep the result in the result history (`<prefix>_results`) too.
+    #[serde(
+        default,
+        rename = "keepResult",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub keep_result: bool,
 }
 
 impl TaskRequest {
@@ -432,6 +439,13 @@ pub struct FanoutRequest {
     /// Deadline of each task in milliseconds (node default when absent).
     #[serde(default, rename = "timeoutMs", skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Keep the result in the result history (`<prefix>_results`) too.
+    #[serde(
+        default,
+        rename = "keepResult",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub keep_result: bool,
 }
 
 /// The last message each node sends to a fan-out's reply subject, after all

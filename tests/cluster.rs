@@ -263,6 +263,7 @@ async fn plain_nats_clients_get_documented_replies_and_errors() {
         args: vec![json!({"nested": [1, 2.5, null]})],
         kwargs: serde_json::Map::new(),
         timeout_ms: None,
+        keep_result: false,
     };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Otto-Encoding", "bincode-v1");

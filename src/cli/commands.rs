@@ -465,6 +465,7 @@ pub(crate) async fn task(conn: &Conn, cmd: TaskCmd) -> anyhow::Result<bool> {
         args: args.iter().map(|a| arg_value(a)).collect(),
         kwargs: kwargs(&kw)?,
         timeout_ms: Some(timeout.as_millis() as u64),
+        keep_result: false,
     };
     if let Some(id) = target {
         let r = client.run_task(&id, &req, timeout).await?;
@@ -525,6 +526,7 @@ pub(crate) async fn task(conn: &Conn, cmd: TaskCmd) -> anyhow::Result<bool> {
             args: req.args,
             kwargs: req.kwargs,
             timeout_ms: req.timeout_ms,
+            keep_result: false,
         };
         let mut events = client.fanout(req, timeout + Duration::from_secs(2)).await?;
         while let Some(e) = events.next().await {

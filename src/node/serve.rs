@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 
+use crate::schedule::AD_HOC;
 use crate::subjects::ENCODING_HEADER;
 use crate::transport::{Message, RequestHandler};
 use crate::wire::{bin, ErrorCode, FanoutDone, FanoutRequest, Task, TaskRequest, TaskResult};
@@ -61,10 +62,14 @@ impl RequestHandler for TaskServer {
             parse_class(class).and_then(|class| Ok((class, decode(&shared, &request, bincode)?)));
         match decoded {
             Ok((class, req)) => {
+                let keep = req.keep_result;
                 let (task, timeout) = req.into_parts();
                 let timeout = timeout.unwrap_or(shared.cfg.task_timeout);
                 let sh = shared.clone();
                 shared.submit_task(id, task, class, timeout, move |r| {
+                    if keep {
+                        sh.results.publish(AD_HOC, &r);
+                    }
                     send_result(sh, reply, r, bincode).boxed()
                 });
             }
@@ -263,6 +268,9 @@ impl RequestHandler for FanoutServer {
                             // Not sure we own it: its owner answers (and counts it).
                             shared.counters.recount(r.error_code, None);
                             continue;
+                        }
+                        if req.keep_result {
+                            shared.results.publish(AD_HOC, &r);
                         }
                         let m = fit(&shared, &r, encode(&r, false), false);
                         send(m.payload.to_vec()).await;

@@ -146,6 +146,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<TaskRequest, String> {
         args: b.args.into_iter().map(Value::from).collect(),
         kwargs: map(b.kwargs),
         timeout_ms: b.timeout_ms,
+        keep_result: false,
     })
 }
 
@@ -222,6 +223,7 @@ mod tests {
             ],
             kwargs: json!({"k": [1, 2]}).as_object().unwrap().clone(),
             timeout_ms: Some(5),
+            keep_result: false,
         };
         assert_eq!(decode_request(&encode_request(&req)).unwrap(), req);
         let res = TaskResult {

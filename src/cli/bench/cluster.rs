@@ -524,6 +524,7 @@ fn echo_request() -> TaskRequest {
         args: vec![serde_json::json!("ping")],
         kwargs: Default::default(),
         timeout_ms: None,
+        keep_result: false,
     }
 }
 
@@ -1116,6 +1117,7 @@ async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                             args: req.args.clone(),
                             kwargs: req.kwargs.clone(),
                             timeout_ms: None,
+                            keep_result: false,
                         },
                         Duration::from_secs(120),
                     )
