@@ -27,6 +27,7 @@ use crate::Kinds;
 mod bench;
 #[allow(unreachable_pub)]
 mod commands;
+mod schedules;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +83,31 @@ enum Command {
     /// Run tasks on one workload or a selection.
     #[command(subcommand)]
     Task(commands::TaskCmd),
+    /// Manage schedules: recurring tasks over selections, run by each
+    /// workload's owner.
+    #[command(subcommand)]
+    Schedule(schedules::ScheduleCmd),
+    /// Read the result history: the last result of each workload (per
+    /// schedule), or more with --last / --since.
+    #[command(
+        after_help = "Examples:\n  ottomato results 'meter-*'\n  ottomato results --schedule meters --last 5\n  ottomato results plc-1 --since 1h --json"
+    )]
+    Results {
+        /// Only workloads matching this glob.
+        glob: Option<String>,
+        /// One schedule's results (`_task`: ad-hoc tasks kept with keepResult).
+        #[arg(long)]
+        schedule: Option<String>,
+        /// Results per workload and schedule, the newest.
+        #[arg(long, default_value = "1")]
+        last: usize,
+        /// Only results stored within this long (e.g. 1h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// One JSON result per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print workload state changes as they happen, one line each.
     Watch {
         /// Only ids matching this glob.
@@ -108,7 +134,8 @@ enum Command {
         after_help = "Examples:\n  ottomato permissions --role operator --inbox-prefix _INBOX.alice\n  ottomato permissions --role node --prefix site7"
     )]
     Permissions {
-        /// node, operator, reader (read-class tasks only) or watcher.
+        /// node, operator, reader (read-class tasks only), scheduler
+        /// (writes schedules) or watcher.
         #[arg(long)]
         role: crate::subjects::Role,
         /// Limit an operator's or reader's task rights to the workloads
@@ -192,6 +219,36 @@ struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off when not given.
     #[arg(long, env = "OTTOMATO_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Result history: drop results older than this. Applies when the
+    /// first node creates the otto_results stream [default: 7d].
+    #[arg(long, env = "OTTOMATO_RESULTS_MAX_AGE", value_parser = humantime::parse_duration)]
+    results_max_age: Option<Duration>,
+    /// Result history: size cap, oldest dropped first (e.g. 512MiB, 2GiB) [default: 1GiB].
+    #[arg(long, env = "OTTOMATO_RESULTS_MAX_BYTES", value_parser = parse_bytes)]
+    results_max_bytes: Option<u64>,
+    /// Result history: results kept per workload and schedule [default: 100].
+    #[arg(long, env = "OTTOMATO_RESULTS_HISTORY")]
+    results_history: Option<u32>,
+}
+
+/// `1073741824`, `512MiB`, `2GiB`, `100MB` (powers of 1024 for both).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512MiB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Node settings as written in a `--config` TOML file.
@@ -229,6 +286,9 @@ struct NodeFile {
     drain_timeout: Option<String>,
     credentials: Option<std::path::PathBuf>,
     metrics_addr: Option<std::net::SocketAddr>,
+    results_max_age: Option<String>,
+    results_max_bytes: Option<String>,
+    results_history: Option<u32>,
 }
 
 /// The effective node settings: flags > environment > file > defaults.
@@ -274,6 +334,10 @@ struct NodeSettings {
     drain_timeout: Duration,
     credentials: Option<std::path::PathBuf>,
     metrics_addr: Option<std::net::SocketAddr>,
+    #[serde(with = "human")]
+    results_max_age: Duration,
+    results_max_bytes: u64,
+    results_history: u32,
 }
 
 mod human {
@@ -372,6 +436,20 @@ fn resolve(conn: &commands::Conn, a: &NodeArgs) -> anyhow::Result<NodeSettings> 
         drain_timeout: dur(a.drain_timeout, &file.drain_timeout, "drain_timeout", "60s")?,
         credentials: a.credentials.clone().or(file.credentials),
         metrics_addr: a.metrics_addr.or(file.metrics_addr),
+        results_max_age: dur(
+            a.results_max_age,
+            &file.results_max_age,
+            "results_max_age",
+            "7d",
+        )?,
+        results_max_bytes: match (a.results_max_bytes, &file.results_max_bytes) {
+            (Some(b), _) => b,
+            (None, Some(s)) => {
+                parse_bytes(s).map_err(|e| anyhow::anyhow!("results_max_bytes: {e}"))?
+            }
+            (None, None) => 1 << 30,
+        },
+        results_history: a.results_history.or(file.results_history).unwrap_or(100),
     })
 }
 
@@ -492,6 +570,19 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
         ),
         None => None,
     };
+    let results = crate::results::NatsResults::open_or_create(
+        client.clone(),
+        Subjects::new(&st.prefix),
+        crate::results::ResultLimits {
+            max_age: st.results_max_age,
+            max_bytes: st.results_max_bytes,
+            per_subject: st.results_history.max(1),
+        },
+        st.replicas,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let builder = builder.results(Arc::new(results));
     let cluster = Cluster::start(
         builder,
         Arc::new(NatsStore::new(client.clone())),
@@ -666,6 +757,14 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch { glob } => commands::watch(&cli.conn, glob).await,
+        Command::Schedule(cmd) => schedules::schedule(&cli.conn, cmd).await,
+        Command::Results {
+            glob,
+            schedule,
+            last,
+            since,
+            json,
+        } => schedules::results(&cli.conn, glob, schedule, last, since, json).await,
         Command::Status { json } => commands::status(&cli.conn, json).await,
         Command::Bench(cmd) => bench::run(cmd).await,
         Command::Ui { listen } => {
@@ -693,6 +792,7 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
                         Role::Node => "node",
                         Role::Operator => "operator",
                         Role::Reader => "reader",
+                        Role::Scheduler => "scheduler",
                         Role::Watcher => "watcher",
                     }
                 ),

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 
 use crate::nats::{NatsStore, NatsTransport};
+use crate::results::{NatsResults, ResultQuery, ResultStore, StoredResult};
+use crate::schedule::{Schedule, ScheduleSpec};
 use crate::spec::{validate_id, WorkloadSpec};
 use crate::store::{KvBucket, KvChange, StateStore};
 use crate::subjects::Subjects;
@@ -58,6 +60,11 @@ pub struct Client {
     state: Arc<dyn KvBucket>,
     /// The class of the subjects tasks are sent on (write by default).
     task_class: CommandClass,
+    nc: async_nats::Client,
+    /// The schedules bucket and the results stream: the nodes create them
+    /// (opened on first use).
+    schedules: tokio::sync::OnceCell<Arc<dyn KvBucket>>,
+    results: tokio::sync::OnceCell<NatsResults>,
 }
 
 impl Client {
@@ -95,6 +102,9 @@ impl Client {
             .map_err(backend)?;
         Ok(Client {
             subjects,
+            nc: nc.clone(),
+            schedules: tokio::sync::OnceCell::new(),
+            results: tokio::sync::OnceCell::new(),
             transport: Arc::new(NatsTransport::new(nc)),
             workloads,
             nodes,
@@ -116,6 +126,78 @@ impl Client {
     /// The class tasks are sent with.
     pub fn task_class(&self) -> CommandClass {
         self.task_class
+    }
+
+    async fn schedules_bucket(&self) -> Result<&Arc<dyn KvBucket>, ClientError> {
+        self.schedules
+            .get_or_try_init(|| async {
+                let name = self.subjects.schedules_bucket();
+                self.store.open_existing(&name).await.ok_or_else(|| {
+                    ClientError::Backend(format!(
+                        "no schedules bucket {name} yet: start a node once (nodes create it)"
+                    ))
+                })
+            })
+            .await
+    }
+
+    /// Writes (creates or replaces) schedule `id`; refused with the reason
+    /// when invalid. Returns it parsed (to compute its ticks).
+    pub async fn put_schedule(
+        &self,
+        id: &str,
+        spec: &ScheduleSpec,
+    ) -> Result<Schedule, ClientError> {
+        let parsed = Schedule::parse(id, spec.clone()).map_err(ClientError::Invalid)?;
+        let value = serde_json::to_vec(spec).map_err(backend)?;
+        self.schedules_bucket()
+            .await?
+            .put(id, Bytes::from(value))
+            .await
+            .map_err(backend)?;
+        Ok(parsed)
+    }
+
+    /// Deletes schedule `id` (`NotFound` when there is none).
+    pub async fn delete_schedule(&self, id: &str) -> Result<(), ClientError> {
+        let bucket = self.schedules_bucket().await?;
+        if bucket.get(id).await.map_err(backend)?.is_none() {
+            return Err(ClientError::NotFound(format!("schedule {id}")));
+        }
+        bucket.delete(id, None).await.map_err(backend)
+    }
+
+    /// One schedule as stored (`None`: there is none).
+    pub async fn schedule(&self, id: &str) -> Result<Option<ScheduleSpec>, ClientError> {
+        let Some(e) = self
+            .schedules_bucket()
+            .await?
+            .get(id)
+            .await
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&e.value)
+            .map(Some)
+            .map_err(|err| ClientError::Invalid(format!("schedule {id} as stored: {err}")))
+    }
+
+    /// Every stored schedule, by id: parsed, or why it is invalid.
+    pub async fn schedules(&self) -> Result<Vec<(String, Result<Schedule, String>)>, ClientError> {
+        crate::schedule::read_all(self.schedules_bucket().await?)
+            .await
+            .map_err(backend)
+    }
+
+    /// Stored results (`query` selects; oldest first).
+    pub async fn results(&self, query: &ResultQuery) -> Result<Vec<StoredResult>, ClientError> {
+        let store = self
+            .results
+            .get_or_try_init(|| NatsResults::open(self.nc.clone(), self.subjects.clone()))
+            .await
+            .map_err(backend)?;
+        store.query(query).await.map_err(backend)
     }
 
     /// Writes (creates or replaces) a spec.

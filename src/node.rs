@@ -289,6 +289,7 @@ impl Shared {
             execution_time: elapsed.as_secs_f64() * 1000.0,
             schedule_id: None,
             tick: None,
+            caught_up: false,
         }
     }
 
@@ -719,7 +720,7 @@ impl Node {
 
     /// Every stored schedule, by id (an invalid one with its error).
     pub async fn schedules(&self) -> Result<Vec<(String, Result<Schedule, String>)>, NodeError> {
-        read_schedules(&self.shared.schedules)
+        crate::schedule::read_all(&self.shared.schedules)
             .await
             .map_err(|e| NodeError::Backend(e.to_string()))
     }
@@ -1151,28 +1152,6 @@ fn spawn_callbacks(
             }
         });
     }
-}
-
-/// Every schedule in `bucket`, by id, parsed (or the reason it is invalid).
-pub(crate) async fn read_schedules(
-    bucket: &Arc<dyn crate::store::KvBucket>,
-) -> Result<Vec<(String, Result<Schedule, String>)>, crate::store::StoreError> {
-    use futures::StreamExt;
-    let mut w = bucket.watch().await?;
-    let mut all = std::collections::BTreeMap::new();
-    while let Some(c) = w.next().await {
-        match c {
-            crate::store::KvChange::Put(e) => {
-                let parsed = Schedule::from_json(&e.key, &e.value);
-                all.insert(e.key, parsed);
-            }
-            crate::store::KvChange::Delete { key, .. } => {
-                all.remove(&key);
-            }
-            crate::store::KvChange::Synced => break,
-        }
-    }
-    Ok(all.into_iter().collect())
 }
 
 /// Feeds the scheduler from the schedules bucket: every change, for as

@@ -316,6 +316,28 @@ impl Schedule {
     }
 }
 
+/// Every schedule in `bucket`, by id, parsed (or the reason it is invalid).
+pub async fn read_all(
+    bucket: &Arc<dyn crate::store::KvBucket>,
+) -> Result<Vec<(String, Result<Schedule, String>)>, crate::store::StoreError> {
+    use futures::StreamExt;
+    let mut w = bucket.watch().await?;
+    let mut all = std::collections::BTreeMap::new();
+    while let Some(c) = w.next().await {
+        match c {
+            crate::store::KvChange::Put(e) => {
+                let parsed = Schedule::from_json(&e.key, &e.value);
+                all.insert(e.key, parsed);
+            }
+            crate::store::KvChange::Delete { key, .. } => {
+                all.remove(&key);
+            }
+            crate::store::KvChange::Synced => break,
+        }
+    }
+    Ok(all.into_iter().collect())
+}
+
 fn nanos(n: u128) -> Duration {
     Duration::new((n / 1_000_000_000) as u64, (n % 1_000_000_000) as u32)
 }

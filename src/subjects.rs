@@ -269,8 +269,10 @@ pub enum Role {
     Node,
     /// An operator: writes specs, runs tasks of both classes, reads state and events.
     Operator,
-    /// A read-only operator: runs read-class tasks only; reads state and events.
+    /// A read-only operator: runs read-class tasks only; reads state, events and results.
     Reader,
+    /// A schedule manager: writes schedules; reads state, events and results; runs no task.
+    Scheduler,
     /// A read-only watcher: state, events and node discovery only.
     Watcher,
 }
@@ -282,9 +284,10 @@ impl std::str::FromStr for Role {
             "node" => Ok(Role::Node),
             "operator" => Ok(Role::Operator),
             "reader" => Ok(Role::Reader),
+            "scheduler" => Ok(Role::Scheduler),
             "watcher" => Ok(Role::Watcher),
             other => Err(format!(
-                "role {other:?}: one of node, operator, reader, watcher"
+                "role {other:?}: one of node, operator, reader, scheduler, watcher"
             )),
         }
     }
@@ -332,18 +335,22 @@ impl Subjects {
             self.workloads_bucket(),
             self.nodes_bucket(),
             self.state_bucket(),
+            self.schedules_bucket(),
         ];
-        // Reading a bucket: info, gets, and the watch's ordered consumer.
-        let read = |b: &str| {
+        // Reading a stream: info, gets, and an ordered consumer (KV watch,
+        // results query).
+        let read_stream = |stream: &str| {
             vec![
-                format!("$JS.API.STREAM.INFO.KV_{b}"),
-                format!("$JS.API.STREAM.MSG.GET.KV_{b}"),
-                format!("$JS.API.DIRECT.GET.KV_{b}.>"),
-                format!("$JS.API.CONSUMER.CREATE.KV_{b}"),
-                format!("$JS.API.CONSUMER.CREATE.KV_{b}.>"),
-                format!("$JS.API.CONSUMER.DELETE.KV_{b}.>"),
+                format!("$JS.API.STREAM.INFO.{stream}"),
+                format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                format!("$JS.API.DIRECT.GET.{stream}.>"),
+                format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+                format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
             ]
         };
+        let read = |b: &str| read_stream(&format!("KV_{b}"));
+        let results = self.results_stream();
         let mut publish: Vec<String> = Vec::new();
         let mut subscribe: Vec<String> = Vec::new();
         match role {
@@ -351,17 +358,21 @@ impl Subjects {
                 publish.push(format!("$KV.{}.>", self.state_bucket()));
                 publish.push(format!("$KV.{}.>", self.nodes_bucket()));
                 publish.push(self.events_wildcard());
+                publish.push(self.results_wildcard());
                 publish.push("_INBOX.>".into());
                 publish.extend(["$JS.FC.>".to_string(), "$JS.API.INFO".to_string()]);
                 for b in &buckets {
                     publish.push(format!("$JS.API.STREAM.CREATE.KV_{b}"));
                 }
+                publish.push(format!("$JS.API.STREAM.CREATE.{results}"));
                 for b in &buckets {
                     publish.push(format!("$JS.API.STREAM.UPDATE.KV_{b}"));
                 }
                 for b in &buckets {
                     publish.extend(read(b));
                 }
+                publish.push(format!("$JS.API.STREAM.INFO.{results}"));
+                publish.push(format!("$JS.API.DIRECT.GET.{results}.>"));
                 subscribe.extend([
                     self.task_wildcard(None),
                     self.fanout_served(),
@@ -370,18 +381,29 @@ impl Subjects {
                     format!("{p}.node.*.status"),
                 ]);
             }
-            Role::Operator | Role::Reader | Role::Watcher => {
+            Role::Operator | Role::Reader | Role::Scheduler | Role::Watcher => {
                 match role {
                     Role::Operator => {
-                        publish.push(format!("$KV.{}.>", self.workloads_bucket()));
+                        match ids {
+                            None => publish.push(format!("$KV.{}.>", self.workloads_bucket())),
+                            Some(ids) => publish.extend(
+                                ids.iter()
+                                    .map(|id| format!("$KV.{}.{id}", self.workloads_bucket())),
+                            ),
+                        }
+                        publish.push(format!("$KV.{}.>", self.schedules_bucket()));
                         publish.extend(tasks(None));
                     }
+                    Role::Scheduler => publish.push(format!("$KV.{}.>", self.schedules_bucket())),
                     Role::Reader => publish.extend(tasks(Some(CommandClass::Read))),
                     _ => {}
                 }
                 publish.extend(["$JS.FC.>".to_string(), "$JS.API.INFO".to_string()]);
                 for b in &buckets {
                     publish.extend(read(b));
+                }
+                if role != Role::Watcher {
+                    publish.extend(read_stream(&results));
                 }
                 publish.extend(["$SRV.>".to_string(), format!("{p}.node.*.status")]);
                 subscribe.extend([format!("{inbox}.>"), self.events_wildcard()]);

@@ -184,6 +184,14 @@ pub struct TaskResult {
     /// the run's identity.
     #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
     pub tick: Option<SystemTime>,
+    /// A tick missed while the workload moved, run once on its new owner
+    /// (`missed: run-once`).
+    #[serde(
+        default,
+        rename = "caughtUp",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub caught_up: bool,
 }
 
 /// RFC 3339 timestamps for `SystemTime` fields.
@@ -253,6 +261,7 @@ mod tests {
             execution_time: 1.5,
             schedule_id: None,
             tick: None,
+            caught_up: false,
         };
         let v = serde_json::to_value(&r).unwrap();
         for key in [

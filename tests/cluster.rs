@@ -1169,6 +1169,7 @@ fn permissions_command_prints_what_subjects_md_recommends() {
         ("node", "Worker node"),
         ("operator", "Operator client"),
         ("reader", "Read-only operator"),
+        ("scheduler", "Schedule manager"),
         ("watcher", "Read-only watcher"),
     ] {
         let (code, out, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", role]);
@@ -1227,7 +1228,10 @@ fn permissions_command_prints_what_subjects_md_recommends() {
     assert!(err.contains("operator and reader"), "{err}");
     let (code, _, err) = support::cli("nats://127.0.0.1:1", &["permissions", "--role", "admin"]);
     assert_ne!(code, 0);
-    assert!(err.contains("node, operator, reader, watcher"), "{err}");
+    assert!(
+        err.contains("node, operator, reader, scheduler, watcher"),
+        "{err}"
+    );
     // Prefixes that would share inboxes, or that nodes could not reply to.
     for bad in ["_INBOX", "alice", "otto", "_INBOX.*"] {
         let (code, _, err) = support::cli(

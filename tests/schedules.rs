@@ -357,3 +357,40 @@ async fn an_ad_hoc_task_keeps_its_result_when_asked() {
     assert_eq!(kept[0].result.ret, json!({"args": [5], "kwargs": {}}));
     assert_eq!(kept[0].result.schedule_id, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_workload_that_comes_back_runs_its_missed_tick_once_with_run_once() {
+    use ottomato::schedule::Missed;
+    let (node, log, _, _) = node(2).await;
+    let mut spec = ScheduleSpec::every("m", "10s");
+    spec.missed = Missed::RunOnce;
+    spec.select = Some("d0".into());
+    node.put_schedule("once", &spec).await.unwrap();
+    let mut skip = ScheduleSpec::every("k", "10s");
+    skip.select = Some("d0".into());
+    node.put_schedule("skip", &skip).await.unwrap();
+    advance(Duration::from_secs(21)).await;
+    assert_eq!(runs(&log, "m").len(), 2);
+    assert!(node.flush_results(Duration::from_secs(5)).await);
+    // Away for three ticks (as if on a node that died), then back.
+    node.delete_workload("d0").unwrap();
+    advance(Duration::from_secs(35)).await;
+    node.add_workload(WorkloadSpec::new("d0", "rec"))
+        .await
+        .unwrap();
+    advance(Duration::from_secs(1)).await;
+    // run-once: the last due tick ran at once; skip: nothing until the next.
+    assert_eq!(runs(&log, "m").len(), 3, "{:?}", runs(&log, "m"));
+    assert_eq!(runs(&log, "k").len(), 2);
+    assert_eq!(node.counters().ticks_caught_up, 1);
+    assert!(node.flush_results(Duration::from_secs(5)).await);
+    let last = node
+        .results(&ResultQuery {
+            source: Some("once".into()),
+            last: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(last[0].result.caught_up, "{last:?}");
+}

@@ -23,7 +23,11 @@
 //!   401/403 → `auth_failed`; any other 4xx/5xx → `device_error` with code
 //!   `http <status>` and the start of the body; a certificate the node does
 //!   not trust → `auth_failed`.
-//! - Command classes: `get` is `read`; `post`, `put`, `patch`, `delete` are `write`.
+//! - Command classes: `post`, `put`, `patch`, `delete` are `write`; `get` is
+//!   `read` when it is a plain GET — no `json`, `body` or `headers`, no `..`
+//!   in the path — of a path listed exactly in the config's `readOnlyPaths`
+//!   (any path when the spec lists none); any other `get` is `write`, since
+//!   many devices act on a GET (`/cgi-bin/reboot`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -78,6 +82,8 @@ struct HttpConfig {
     headers: BTreeMap<String, String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default)]
+    read_only_paths: Option<Vec<String>>,
 }
 
 fn default_health() -> String {
@@ -357,9 +363,29 @@ impl Workload for HttpWorkload {
     }
 
     fn command_class(&self, task: &Task) -> CommandClass {
-        match task.command.as_str() {
-            "get" => CommandClass::Read,
-            _ => CommandClass::Write,
+        // Many devices act on a GET (`/cgi-bin/reboot`, `?action=…`): a
+        // read is a plain GET — no body, no headers of the caller's, no
+        // `..` — of a path the spec lists in `readOnlyPaths`, or of any
+        // path when it lists none.
+        let Ok(a) = parse_kwargs::<RequestArgs>(&task.kwargs) else {
+            return CommandClass::Write;
+        };
+        let plain = task.command == "get"
+            && a.json.is_none()
+            && a.body.is_none()
+            && a.headers.is_empty()
+            && !a
+                .path
+                .split(['/', '\\'])
+                .any(|seg| seg == ".." || seg.to_ascii_lowercase().contains("%2e"));
+        let listed = match &self.cfg.read_only_paths {
+            None => true,
+            Some(paths) => paths.iter().any(|p| *p == a.path),
+        };
+        if plain && listed {
+            CommandClass::Read
+        } else {
+            CommandClass::Write
         }
     }
 

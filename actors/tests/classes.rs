@@ -42,6 +42,32 @@ fn each_kind_reads_with_its_read_commands_and_nothing_else() {
         classes("http", http, &verbs),
         [Read, Write, Write, Write, Write]
     );
+    // A GET with the caller's headers, a body or `..` may act: write.
+    let get = |kw: Value| {
+        let mut t = t("get");
+        t.kwargs = kw.as_object().unwrap().clone();
+        t
+    };
+    let gets = [
+        get(json!({"path": "/status"})),
+        get(json!({"path": "/status", "headers": {"X-HTTP-Method-Override": "DELETE"}})),
+        get(json!({"path": "/status", "json": {}})),
+        get(json!({"path": "/a/../cgi-bin/reboot"})),
+        get(json!({"path": "/a/%2E%2E/reboot"})),
+        get(json!({"path": "/status", "typo": 1})),
+    ];
+    let http = json!({"baseUrl": "http://127.0.0.1:1"});
+    assert_eq!(
+        classes("http", http, &gets),
+        [Read, Write, Write, Write, Write, Write]
+    );
+    // With readOnlyPaths, only those paths read.
+    let http = json!({"baseUrl": "http://127.0.0.1:1", "readOnlyPaths": ["/status"]});
+    let listed = [
+        get(json!({"path": "/status"})),
+        get(json!({"path": "/reboot"})),
+    ];
+    assert_eq!(classes("http", http, &listed), [Read, Write]);
     let modbus = json!({"host": "127.0.0.1", "port": 1});
     let cmds = names(&[
         "read_coils",

@@ -240,7 +240,10 @@ impl State {
                     if let Some(shared) = self.shared.upgrade() {
                         Counters::inc(&shared.counters.ticks_caught_up);
                     }
-                    self.start(&s, &workload, tick);
+                    tracing::info!(schedule = %s.id, %workload,
+                        tick = %humantime::format_rfc3339_millis(tick),
+                        "running a tick missed while the workload moved (missed: run-once)");
+                    self.start(&s, &workload, tick, true);
                 }
             }
         }
@@ -408,12 +411,12 @@ impl State {
                 tracing::debug!(schedule = %key.0, workload = %key.1, ?late, "tick shed: late");
                 continue;
             }
-            self.start(&s, &key.1, tick);
+            self.start(&s, &key.1, tick, false);
         }
     }
 
     /// Starts one run (overlap and in-flight limits permitting).
-    fn start(&mut self, s: &Arc<Schedule>, workload: &Arc<str>, tick: SystemTime) {
+    fn start(&mut self, s: &Arc<Schedule>, workload: &Arc<str>, tick: SystemTime, caught_up: bool) {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
@@ -441,6 +444,7 @@ impl State {
             move |mut r| {
                 r.schedule_id = Some(id.to_string());
                 r.tick = Some(tick);
+                r.caught_up = caught_up;
                 results.publish(&id, &r);
                 drop(done);
                 async {}.boxed()

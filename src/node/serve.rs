@@ -29,6 +29,9 @@ impl RequestHandler for TaskServer {
         let Some(reply) = reply else {
             return; // a publish without a reply subject: nobody to answer
         };
+        if from_jetstream(&reply) {
+            return;
+        }
         let Some((class, id)) = shared.subjects.parse_task(subject) else {
             return; // not a task subject: nothing this handler serves
         };
@@ -140,6 +143,15 @@ async fn send_result(shared: Arc<Shared>, reply: String, result: TaskResult, bin
     }
 }
 
+/// Whether a request's reply subject is JetStream's own (`$JS.…`): then
+/// it is a stream's delivery, not a client's request. NATS does not check
+/// who may publish where a consumer delivers (nats-server#8274), so a
+/// user allowed to create consumers could aim stored messages at a task
+/// subject; such deliveries are never run.
+fn from_jetstream(reply: &str) -> bool {
+    reply.starts_with("$JS.")
+}
+
 /// The command class of a subject's class token.
 fn parse_class(token: &str) -> Result<CommandClass, (ErrorCode, String)> {
     token.parse().map_err(|e| {
@@ -196,6 +208,9 @@ impl RequestHandler for FanoutServer {
         let (Some(shared), Some(reply)) = (self.shared.upgrade(), reply) else {
             return;
         };
+        if from_jetstream(&reply) {
+            return;
+        }
         let Some(class) = shared.subjects.parse_fanout(subject) else {
             return; // not a fan-out subject
         };

@@ -70,6 +70,9 @@ impl MemoryTransport {
         let tokens: Vec<&str> = subject.split('.').collect();
         let mut pattern = String::with_capacity(subject.len() + 1);
         for i in 0..tokens.len() {
+            if tokens[i] == "*" {
+                continue; // a literal `*` token: the exact lookup found it
+            }
             pattern.clear();
             for (j, tok) in tokens.iter().enumerate() {
                 if j > 0 {

@@ -195,6 +195,7 @@ pub fn decode_result(bytes: &[u8]) -> Result<TaskResult, String> {
         execution_time: b.execution_time,
         schedule_id: None,
         tick: None,
+        caught_up: false,
     })
 }
 
@@ -243,6 +244,7 @@ mod tests {
             execution_time: 0.25,
             schedule_id: None,
             tick: None,
+            caught_up: false,
         };
         assert_eq!(decode_result(&encode_result(&res)).unwrap(), res);
         assert!(decode_request(b"\xff\xff\xff").is_err());
