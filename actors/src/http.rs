@@ -380,7 +380,7 @@ impl Workload for HttpWorkload {
                 .any(|seg| seg == ".." || seg.to_ascii_lowercase().contains("%2e"));
         let listed = match &self.cfg.read_only_paths {
             None => true,
-            Some(paths) => paths.iter().any(|p| *p == a.path),
+            Some(paths) => paths.contains(&a.path),
         };
         if plain && listed {
             CommandClass::Read
