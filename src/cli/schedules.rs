@@ -18,48 +18,7 @@ pub(crate) enum ScheduleCmd {
     #[command(
         after_help = "Examples:\n  ottomato schedule add meters --every 5m --splay 60s --select 'meter-*' poll\n  ottomato schedule add backup --cron '0 2 * * *' --tz Europe/Oslo --label role=router exec --kwargs '{\"command\":\"show running-config\"}'\n  ottomato schedule add --file schedules.jsonl   # one {\"id\": …, …} per line"
     )]
-    Add {
-        /// ID COMMAND [ARGS]... (ARGS are JSON values or plain strings);
-        /// none with --file.
-        words: Vec<String>,
-        /// Interval between ticks (30s, 5m, 1h), counted from the epoch.
-        #[arg(long)]
-        every: Option<String>,
-        /// Cron expression (5 fields, or 6 with seconds first).
-        #[arg(long)]
-        cron: Option<String>,
-        /// Time zone of the cron expression (IANA, e.g. Europe/Oslo) [default: UTC].
-        #[arg(long)]
-        tz: Option<String>,
-        /// Glob on workload ids [default: all].
-        #[arg(long)]
-        select: Option<String>,
-        /// Label selector key=value (repeatable).
-        #[arg(long = "label", value_parser = crate::cli::parse_kv)]
-        labels: Vec<(String, String)>,
-        /// Keyword arguments, a JSON object.
-        #[arg(long)]
-        kwargs: Option<String>,
-        /// Spread each tick's runs over this window (e.g. 60s).
-        #[arg(long)]
-        splay: Option<String>,
-        /// Deadline of each run.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// skip (a busy device skips the tick) or queue.
-        #[arg(long, default_value = "skip", value_parser = ["skip", "queue"])]
-        overlap: String,
-        /// skip, or run-once (a tick missed during a move runs once on the new owner).
-        #[arg(long, default_value = "skip", value_parser = ["skip", "run-once"])]
-        missed: String,
-        /// Store it paused.
-        #[arg(long)]
-        paused: bool,
-        /// Read schedules from a file instead: JSON lines, each a schedule
-        /// with its "id".
-        #[arg(long)]
-        file: Option<std::path::PathBuf>,
-    },
+    Add(Box<AddArgs>),
     /// List schedules: timing, selection, next tick, and the last outcome
     /// of each selected workload.
     Ls {
@@ -91,6 +50,51 @@ pub(crate) enum ScheduleCmd {
     },
 }
 
+/// `schedule add`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct AddArgs {
+    /// ID COMMAND [ARGS]... (ARGS are JSON values or plain strings);
+    /// none with --file.
+    words: Vec<String>,
+    /// Interval between ticks (30s, 5m, 1h), counted from the epoch.
+    #[arg(long)]
+    every: Option<String>,
+    /// Cron expression (5 fields, or 6 with seconds first).
+    #[arg(long)]
+    cron: Option<String>,
+    /// Time zone of the cron expression (IANA, e.g. Europe/Oslo) [default: UTC].
+    #[arg(long)]
+    tz: Option<String>,
+    /// Glob on workload ids [default: all].
+    #[arg(long)]
+    select: Option<String>,
+    /// Label selector key=value (repeatable).
+    #[arg(long = "label", value_parser = crate::cli::parse_kv)]
+    labels: Vec<(String, String)>,
+    /// Keyword arguments, a JSON object.
+    #[arg(long)]
+    kwargs: Option<String>,
+    /// Spread each tick's runs over this window (e.g. 60s).
+    #[arg(long)]
+    splay: Option<String>,
+    /// Deadline of each run.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// skip (a busy device skips the tick) or queue.
+    #[arg(long, default_value = "skip", value_parser = ["skip", "queue"])]
+    overlap: String,
+    /// skip, or run-once (a tick missed during a move runs once on the new owner).
+    #[arg(long, default_value = "skip", value_parser = ["skip", "run-once"])]
+    missed: String,
+    /// Store it paused.
+    #[arg(long)]
+    paused: bool,
+    /// Read schedules from a file instead: JSON lines, each a schedule
+    /// with its "id".
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -120,21 +124,22 @@ async fn selected(client: &crate::client::Client, s: &Schedule) -> anyhow::Resul
 pub(crate) async fn schedule(conn: &Conn, cmd: ScheduleCmd) -> anyhow::Result<()> {
     let client = conn.client().await?;
     match cmd {
-        ScheduleCmd::Add {
-            words,
-            every,
-            cron,
-            tz,
-            select,
-            labels,
-            kwargs,
-            splay,
-            timeout,
-            overlap,
-            missed,
-            paused,
-            file,
-        } => {
+        ScheduleCmd::Add(args) => {
+            let AddArgs {
+                words,
+                every,
+                cron,
+                tz,
+                select,
+                labels,
+                kwargs,
+                splay,
+                timeout,
+                overlap,
+                missed,
+                paused,
+                file,
+            } = *args;
             let mut todo: Vec<(String, ScheduleSpec)> = Vec::new();
             if let Some(path) = file {
                 if !words.is_empty() {
