@@ -291,10 +291,11 @@ fn auth_conf() -> String {
         )
     };
     format!(
-        "authorization {{\n  users = [\n    {},\n    {},\n    {},\n    {}\n  ]\n}}\n",
+        "authorization {{\n  users = [\n    {},\n    {},\n    {},\n    {},\n    {}\n  ]\n}}\n",
         user("node", "npw", "Worker node"),
         user("op", "opw", "Operator client"),
         user("reader", "rpw", "Read-only operator"),
+        user("sched", "spw", "Schedule manager"),
         user("watcher", "wpw", "Read-only watcher")
     )
 }
@@ -549,6 +550,55 @@ async fn recommended_permissions_let_each_role_do_its_job_and_no_more() {
         err.to_lowercase().contains("permissions violation") && err.contains("otto.fanout.write"),
         "{err}"
     );
+
+    // The schedule manager writes schedules, not specs; its schedule runs
+    // (with the node's rights) and the reader reads the results; the
+    // watcher may not.
+    let sched = |extra: &[&'static str]| -> Vec<&'static str> {
+        [
+            &[
+                "--user",
+                "sched",
+                "--password",
+                "spw",
+                "--inbox-prefix",
+                "_INBOX.scheduler",
+            ][..],
+            extra,
+        ]
+        .concat()
+    };
+    let (code, out, err) = run(sched(&[
+        "schedule", "add", "hi", "--every", "1s", "--select", "w1", "hello",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, _) = run(sched(&["workload", "add", "w3", "--kind", "sim"]))
+        .await
+        .unwrap();
+    assert_ne!(code, 0, "the schedule manager added a workload");
+    let out = eventually(30, "the reader reads the schedule's results", || async {
+        let (code, out, _) = run(reader(&["results", "--schedule", "hi"])).await.unwrap();
+        (code == 0 && out.contains("hello from w1")).then_some(out)
+    })
+    .await;
+    assert!(out.contains("w1"), "{out}");
+    let (code, _, err) = run(vec![
+        "--user",
+        "watcher",
+        "--password",
+        "wpw",
+        "--inbox-prefix",
+        "_INBOX.watcher",
+        "results",
+    ])
+    .await
+    .unwrap();
+    assert_ne!(code, 0, "the watcher read results");
+    assert!(!err.is_empty());
+    let (code, _, err) = run(sched(&["schedule", "rm", "hi"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
 
     // Task rights for a selection, listed from the workloads bucket.
     let (code, out, err) = run(reader(&[
