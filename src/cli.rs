@@ -107,6 +107,10 @@ enum Command {
         /// One JSON result per line.
         #[arg(long)]
         json: bool,
+        /// Wait up to this long for a first result (e.g. right after
+        /// adding a schedule).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
     },
     /// Print workload state changes as they happen, one line each.
     Watch {
@@ -764,7 +768,8 @@ async fn run(cli: Cli, kinds: Kinds) -> anyhow::Result<()> {
             last,
             since,
             json,
-        } => schedules::results(&cli.conn, glob, schedule, last, since, json).await,
+            wait,
+        } => schedules::results(&cli.conn, glob, schedule, last, since, json, wait).await,
         Command::Status { json } => commands::status(&cli.conn, json).await,
         Command::Bench(cmd) => bench::run(cmd).await,
         Command::Ui { listen } => {

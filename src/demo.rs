@@ -62,6 +62,13 @@ pub struct DemoSummary {
     pub p99: Duration,
     /// Resident memory after the devices settled, in bytes (Linux), if known.
     pub rss_bytes: Option<u64>,
+    /// The demo schedule (`hello` on every device every 2 s, splay 2 s):
+    /// ticks run, results stored, and how long one round of ticks took.
+    pub schedule_ticks: u64,
+    /// Results of the demo schedule stored in the (in-memory) history.
+    pub schedule_results: usize,
+    /// Wall time of the schedule round.
+    pub schedule_time: Duration,
     /// Whether Ctrl-C cut the demo short.
     pub interrupted: bool,
 }
@@ -81,6 +88,11 @@ impl std::fmt::Display for DemoSummary {
             f,
             "tasks              {} ok / {} run, {:.0} tasks/s, p50 {:.3?}, p99 {:.3?}",
             self.tasks_ok, self.tasks, self.tasks_per_sec, self.p50, self.p99
+        )?;
+        writeln!(
+            f,
+            "schedule           every 2s, splay 2s: {} ticks run, {} results kept, in {:.1?}",
+            self.schedule_ticks, self.schedule_results, self.schedule_time
         )?;
         if let Some(rss) = self.rss_bytes {
             writeln!(
@@ -240,6 +252,43 @@ pub async fn run(
             .copied()
             .unwrap_or_default()
     };
+    // 4. A schedule over every device, run by the node that owns each (the
+    // embedded default runs schedules too), until each device ran a tick.
+    let sched_started = Instant::now();
+    let mut schedule_results = 0;
+    if !interrupted {
+        note(
+            opts.progress,
+            format!("schedule: hello on {} devices every 2s", opts.devices),
+        );
+        let mut spec = crate::schedule::ScheduleSpec::every("hello", "2s");
+        spec.splay = Some("2s".into());
+        node.put_schedule("demo", &spec).await?;
+        let pb = bar(opts.devices, "scheduled", opts.progress);
+        let deadline = Instant::now() + opts.settle_timeout;
+        loop {
+            let ticks = node.counters().ticks_run;
+            pb.set_position(ticks.min(opts.devices as u64));
+            if ticks >= opts.devices as u64 || Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = &mut shutdown => { interrupted = true; break; }
+            }
+        }
+        pb.finish_and_clear();
+        node.delete_schedule("demo").await?;
+        node.flush_results(Duration::from_secs(10)).await;
+        schedule_results = node
+            .results(&crate::results::ResultQuery {
+                source: Some("demo".into()),
+                ..Default::default()
+            })
+            .await?
+            .len();
+    }
+    let schedule_time = sched_started.elapsed();
     let counts = node.count_by_status();
     let by_status = Status::ALL
         .iter()
@@ -256,6 +305,9 @@ pub async fn run(
         p50: pct(0.50),
         p99: pct(0.99),
         rss_bytes: rss,
+        schedule_ticks: node.counters().ticks_run,
+        schedule_results,
+        schedule_time,
         interrupted,
     })
 }

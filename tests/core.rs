@@ -765,6 +765,9 @@ async fn demo_runs_end_to_end() {
     assert_eq!(s.by_status, vec![(Status::Running, 500)]);
     assert_eq!((s.tasks, s.tasks_ok), (500, 500));
     assert!(s.p99 >= s.p50);
+    // The demo schedule ran a tick on every device and kept each result.
+    assert!(s.schedule_ticks >= 500, "{s}");
+    assert_eq!(s.schedule_results as u64, s.schedule_ticks, "{s}");
     node.stop().await;
     assert!(node.is_empty());
 }

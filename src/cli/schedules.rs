@@ -350,6 +350,7 @@ pub(crate) async fn results(
     last: usize,
     since: Option<Duration>,
     json: bool,
+    wait: Option<Duration>,
 ) -> anyhow::Result<()> {
     let client = conn.client().await?;
     let q = ResultQuery {
@@ -358,7 +359,14 @@ pub(crate) async fn results(
         since: since.map(|d| SystemTime::now() - d),
         last: Some(last.max(1)),
     };
-    let rows = client.results(&q).await?;
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    let rows = loop {
+        let rows = client.results(&q).await?;
+        if !rows.is_empty() || std::time::Instant::now() >= deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     if json {
         for r in &rows {
             let mut v = serde_json::to_value(&r.result)?;
