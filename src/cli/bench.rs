@@ -53,6 +53,10 @@ pub(crate) enum BenchCommand {
     Fanout(Opts),
     /// Task throughput with /metrics served and scraped every second vs without.
     Metrics(Opts),
+    /// One schedule over N workloads on 3 nodes (every 60 s, splay 60 s,
+    /// 3 ticks): ticks run / due, spread, drift; result publishing vs raw
+    /// JetStream publishes.
+    Schedule(Opts),
     /// N real SNMP agents (one snmpd on N UDP ports) polled through the engine vs a bare async-snmp loop.
     #[command(after_help = "Example:\n  ottomato bench snmp --devices 10000")]
     Snmp {
@@ -281,10 +285,13 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Memory(o) => cluster::run(&[Scenario::Memory], &o).await,
         BenchCommand::Fanout(o) => cluster::run(&[Scenario::Fanout], &o).await,
         BenchCommand::Metrics(o) => cluster::run(&[Scenario::Metrics], &o).await,
+        BenchCommand::Schedule(o) => cluster::run(&[Scenario::Schedule], &o).await,
         BenchCommand::All(o) => {
             use Scenario::*;
             cluster::run(
-                &[Tasks, Claims, Failover, ScaleOut, Memory, Fanout, Metrics],
+                &[
+                    Tasks, Claims, Failover, ScaleOut, Memory, Fanout, Metrics, Schedule,
+                ],
                 &o,
             )
             .await

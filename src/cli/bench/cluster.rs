@@ -52,13 +52,16 @@ pub(crate) enum Scenario {
     Memory,
     Fanout,
     Metrics,
+    Schedule,
 }
 
 impl Scenario {
     fn size(self, quick: bool) -> usize {
         match (self, quick) {
             (Scenario::Tasks, false) | (Scenario::Metrics, false) => 10_000,
-            (Scenario::Claims, false) | (Scenario::Memory, false) => 100_000,
+            (Scenario::Claims, false) | (Scenario::Memory, false) | (Scenario::Schedule, false) => {
+                100_000
+            }
             (_, false) => 30_000,
             (Scenario::Tasks, true) | (Scenario::Metrics, true) => 1_000,
             // Fewer makes the per-process fixed costs dominate the ratio.
@@ -70,6 +73,8 @@ impl Scenario {
         match self {
             Scenario::Tasks | Scenario::Fanout | Scenario::Metrics if !quick => 3,
             Scenario::Claims if !quick => 2,
+            // Rounds of the schedule scenario are intervals.
+            Scenario::Schedule => 3,
             _ => 1,
         }
     }
@@ -122,6 +127,7 @@ pub(crate) async fn run(scenarios: &[Scenario], opts: &Opts) -> anyhow::Result<(
             Scenario::Memory => memory(n).await?,
             Scenario::Fanout => fanout(n, rounds).await?,
             Scenario::Metrics => metrics_cost(n, rounds, opts).await?,
+            Scenario::Schedule => schedule(n, rounds, opts.quick).await?,
         };
         eprintln!("== {s:?} done in {:.0} s", t.elapsed().as_secs_f64());
         print_table(&got);
@@ -1148,4 +1154,216 @@ async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
         target: "—".into(),
         verdict: "info",
     }])
+}
+
+/// One schedule over n sim workloads on 3 nodes for `intervals` intervals
+/// (60 s, splay 60 s; 10 s with --quick): ticks run against ticks due,
+/// how evenly the runs spread over the splay window, how late they start;
+/// then the result publisher against raw JetStream publishes of the same
+/// payload.
+async fn schedule(n: usize, intervals: usize, quick: bool) -> anyhow::Result<Vec<Row>> {
+    use crate::results::{NatsResults, ResultPublisher, ResultQuery};
+    use crate::schedule::ScheduleSpec;
+    use std::collections::HashSet;
+    use std::time::SystemTime;
+
+    let every = Duration::from_secs(if quick { 10 } else { 60 });
+    let nats = Nats::start()?;
+    let _nodes = nats.nodes(3, &[])?;
+    let w = Watcher::connect(&nats.url).await?;
+    w.wait_nodes(3).await?;
+    w.fill(n, serde_json::json!({})).await?;
+    let mut spec = ScheduleSpec::every("hello", humantime::format_duration(every).to_string());
+    spec.splay = spec.every.clone();
+    let s = w.client.put_schedule("bench", &spec).await?;
+    // Measure whole ticks that start after every node has the schedule.
+    let first = s
+        .next_tick_after(SystemTime::now() + Duration::from_secs(2))
+        .ok_or_else(|| anyhow::anyhow!("no tick"))?;
+    let ticks: Vec<SystemTime> = (0..intervals as u32).map(|i| first + every * i).collect();
+    let last = *ticks.last().unwrap_or(&first);
+    let end = last + every + Duration::from_secs(5);
+    while SystemTime::now() < end {
+        let left = end.duration_since(SystemTime::now()).unwrap_or_default();
+        progress(&format!(
+            "schedule every {}: {intervals} interval(s) over {n} workloads, {:.0} s left",
+            humantime::format_duration(every),
+            left.as_secs_f64()
+        ));
+        tokio::time::sleep(left.min(Duration::from_secs(10))).await;
+    }
+    progress("reading the results stream");
+    let rs = w
+        .client
+        .results(&ResultQuery {
+            source: Some("bench".into()),
+            since: Some(first - Duration::from_secs(1)),
+            ..Default::default()
+        })
+        .await?;
+    let wanted: HashSet<SystemTime> = ticks.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut dups = 0usize;
+    let mut bins = [0usize; 10];
+    let mut drift_last: Vec<Duration> = Vec::new();
+    let mut drift_all: Vec<Duration> = Vec::new();
+    for r in &rs {
+        let Some(tick) = r.result.tick.filter(|t| wanted.contains(t)) else {
+            continue;
+        };
+        if !seen.insert((r.workload.clone(), tick)) {
+            dups += 1;
+            continue;
+        }
+        let off = s.offset(&r.workload);
+        let started =
+            r.result.timestamp - Duration::from_secs_f64(r.result.execution_time.max(0.0) / 1000.0);
+        let delay = started.duration_since(tick).unwrap_or_default();
+        let bin = ((delay.as_secs_f64() / every.as_secs_f64()) * 10.0) as usize;
+        bins[bin.min(9)] += 1;
+        let drift = started.duration_since(tick + off).unwrap_or_default();
+        drift_all.push(drift);
+        if tick == last {
+            drift_last.push(drift);
+        }
+    }
+    let due = n * ticks.len();
+    let ran = seen.len();
+    let share: Vec<f64> = bins.iter().map(|b| *b as f64 / ran.max(1) as f64).collect();
+    let worst = share.iter().map(|x| (x - 0.1).abs()).fold(0.0, f64::max);
+    drift_all.sort_unstable();
+    drift_last.sort_unstable();
+    let c = |v: &[Duration], p: f64| ms(percentile(v, p));
+
+    // Result publishing: our publisher (the nodes' path) against raw
+    // JetStream publishes with acks, the same payload, 256 in flight each.
+    let payload = rs
+        .first()
+        .map(|r| serde_json::to_vec(&r.result))
+        .transpose()?
+        .unwrap_or_else(|| b"{}".to_vec());
+    let m = if quick { 20_000 } else { 100_000 };
+    let nc = async_nats::connect(&nats.url).await?;
+    let js = jetstream::new(nc.clone());
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "raw_results".into(),
+        subjects: vec!["raw.results.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    progress(&format!("{m} raw JetStream publishes"));
+    let t = Instant::now();
+    let bytes = Bytes::from(payload.clone());
+    let failed = futures::stream::iter(0..m)
+        .map(|i| {
+            let js = js.clone();
+            let b = bytes.clone();
+            async move {
+                match js
+                    .publish(format!("raw.results.dev-{}.bench", i % n), b)
+                    .await
+                {
+                    Ok(ack) => ack.await.is_err(),
+                    Err(_) => true,
+                }
+            }
+        })
+        .buffer_unordered(256)
+        .filter(|bad| futures::future::ready(*bad))
+        .count()
+        .await;
+    let raw_rate = m as f64 / t.elapsed().as_secs_f64();
+    if failed > 0 {
+        anyhow::bail!("{failed} raw publishes failed");
+    }
+    progress(&format!("{m} results through the result publisher"));
+    let store = NatsResults::open_or_create(
+        nc.clone(),
+        crate::subjects::Subjects::new("pubbench"),
+        Default::default(),
+        1,
+    )
+    .await?;
+    let publisher = ResultPublisher::spawn(std::sync::Arc::new(store), m);
+    let mut result: crate::wire::TaskResult =
+        serde_json::from_slice(&payload).unwrap_or_else(|_| {
+            serde_json::from_value(serde_json::json!({
+                "jobId": "j", "workerId": "n", "workload": "dev-0", "hostname": "h",
+                "command": "hello", "args": [], "kwargs": {}, "success": true, "error": null,
+                "errorCode": null, "return": null, "timestamp": "2026-11-30T00:00:00Z",
+                "executionTime": 0.0
+            }))
+            .expect("a result")
+        });
+    let t = Instant::now();
+    for i in 0..m {
+        result.workload = format!("dev-{}", i % n);
+        publisher.publish("bench", &result);
+    }
+    publisher.flush(Duration::from_secs(600)).await;
+    let ours_rate = m as f64 / t.elapsed().as_secs_f64();
+    let stored = publisher.stored.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = publisher.dropped.load(std::sync::atomic::Ordering::Relaxed);
+
+    let params = format!(
+        "{n} workloads, 3 nodes, every {e}, splay {e}, {intervals} ticks",
+        e = humantime::format_duration(every)
+    );
+    Ok(vec![
+        Row {
+            scenario: "schedule: ticks run / due".into(),
+            params: format!("{params}; {dups} duplicates"),
+            ours: format!("{ran}"),
+            baseline: format!("{due} due"),
+            ratio: format!("{:.4}", ran as f64 / due.max(1) as f64),
+            target: "1.0, no duplicate".into(),
+            verdict: verdict(ran == due && dups == 0),
+        },
+        Row {
+            scenario: "schedule: spread over the splay".into(),
+            params: format!(
+                "share of runs per tenth of the window: {}",
+                share
+                    .iter()
+                    .map(|x| format!("{:.1}%", x * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            ours: format!("worst tenth {:+.2} points", worst * 100.0),
+            baseline: "10% each (uniform)".into(),
+            ratio: format!("{:.3}", (0.1 + worst) / 0.1),
+            target: "≤ 1.1 (each tenth within 1 point)".into(),
+            verdict: verdict(worst <= 0.01),
+        },
+        Row {
+            scenario: "schedule: start drift".into(),
+            params: format!(
+                "start − (tick + offset); all ticks p50 {:.1} ms, p99 {:.1} ms",
+                c(&drift_all, 0.5),
+                c(&drift_all, 0.99)
+            ),
+            ours: format!(
+                "last tick p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                c(&drift_last, 0.5),
+                c(&drift_last, 0.99),
+                drift_last.last().map_or(0.0, |d| ms(*d))
+            ),
+            baseline: "0 (on time)".into(),
+            ratio: "—".into(),
+            target: "p99 ≤ 1 s".into(),
+            verdict: verdict(percentile(&drift_last, 0.99) <= Duration::from_secs(1)),
+        },
+        Row {
+            scenario: "results publish".into(),
+            params: format!(
+                "{m} results of {} B, 256 in flight; {stored} stored, {dropped} dropped",
+                payload.len()
+            ),
+            ours: format!("{ours_rate:.0}/s"),
+            baseline: format!("{raw_rate:.0}/s raw js.publish + ack"),
+            ratio: format!("{:.2}", ours_rate / raw_rate),
+            target: "≥ 0.8×".into(),
+            verdict: verdict(ours_rate / raw_rate >= 0.8 && dropped == 0),
+        },
+    ])
 }
