@@ -11,6 +11,7 @@ import sys
 
 import nats
 from nats.errors import NoRespondersError, TimeoutError
+from nats.js.api import DeliverPolicy
 
 URL, WORKLOAD = sys.argv[1], sys.argv[2]
 
@@ -94,6 +95,27 @@ async def main():
     check(r["success"], f"operator runs a write ({r.get('error')})")
     r = await task(nc, f"otto.task.read.{w}", {"command": "hello"})
     check(r["success"], "operator runs a read")
+    await nc.close()
+
+    # The schedule manager: writes schedules, reads results; no specs.
+    nc, _ = await connect("sched", "spw", "_INBOX.scheduler")
+    js = nc.jetstream()
+    schedules = await js.key_value("otto_schedules")
+    await schedules.put("py-check", json.dumps(
+        {"select": w, "command": "hello", "every": "1h", "enabled": False}).encode())
+    check(json.loads((await schedules.get("py-check")).value)["command"] == "hello",
+          "schedule manager writes a schedule")
+    await schedules.delete("py-check")
+    specs = await js.key_value("otto_workloads")
+    try:
+        await specs.put("py-spec", b'{"kind": "sim"}')
+        check(False, "schedule manager must not write specs")
+    except Exception as e:  # the server refuses the publish: no ack
+        check(True, f"schedule manager cannot write specs ({type(e).__name__})")
+    sub = await js.subscribe(f"otto.results.{w}.>", stream="otto_results",
+                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ordered_consumer=True)
+    m = await sub.next_msg(timeout=5)
+    check(json.loads(m.data)["workload"] == w, "schedule manager reads the result history")
     await nc.close()
 
     # The watcher: state, never anyone's replies.
