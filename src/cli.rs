@@ -98,9 +98,10 @@ enum Command {
         /// One schedule's results (`_task`: ad-hoc tasks kept with keepResult).
         #[arg(long)]
         schedule: Option<String>,
-        /// Results per workload and schedule, the newest.
-        #[arg(long, default_value = "1")]
-        last: usize,
+        /// Results per workload and schedule, the newest [default: 1, or
+        /// all with --since].
+        #[arg(long)]
+        last: Option<usize>,
         /// Only results stored within this long (e.g. 1h).
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<Duration>,

@@ -77,7 +77,9 @@ pub struct ScheduleSpec {
     /// A cron expression (5 fields, or 6 with seconds first; `@daily` …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
-    /// The cron expression's time zone (IANA name; UTC when absent).
+    /// The cron expression's time zone (IANA name; UTC when absent). As
+    /// with cron, local times a daylight-saving change skips never fire,
+    /// and a repeated local hour fires once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tz: Option<String>,
     /// Window over which one tick's runs are spread (`0s` when absent).
@@ -252,9 +254,30 @@ impl Schedule {
                 Some(UNIX_EPOCH + nanos(k * p))
             }
             Timing::Cron(cron, tz) => {
-                let at = chrono::DateTime::<chrono::Utc>::from(t).with_timezone(tz);
-                let next = cron.find_next_occurrence(&at, false).ok()?;
-                Some(SystemTime::from(next.with_timezone(&chrono::Utc)))
+                // Whole seconds: a tick is the same instant on every node
+                // whatever the fraction of "now" each one asked at.
+                let mut from = whole_seconds(t);
+                for _ in 0..64 {
+                    let at = chrono::DateTime::<chrono::Utc>::from(from).with_timezone(tz);
+                    let next = whole_seconds(SystemTime::from(
+                        cron.find_next_occurrence(&at, false)
+                            .ok()?
+                            .with_timezone(&chrono::Utc),
+                    ));
+                    if next > t {
+                        return Some(next);
+                    }
+                    // In a repeated (daylight-saving fall-back) hour the
+                    // match may map to its earlier instant, before `t`: the
+                    // same local time an hour later is the one after `t`.
+                    let later = next + Duration::from_secs(3600);
+                    let local = chrono::DateTime::<chrono::Utc>::from(later).with_timezone(tz);
+                    if later > t && cron.is_time_matching(&local).unwrap_or(false) {
+                        return Some(later);
+                    }
+                    from = from.max(next) + Duration::from_secs(1);
+                }
+                None
             }
         }
     }
@@ -268,9 +291,12 @@ impl Schedule {
                 Some(UNIX_EPOCH + nanos(since / p * p))
             }
             Timing::Cron(cron, tz) => {
-                let at = chrono::DateTime::<chrono::Utc>::from(t).with_timezone(tz);
+                let at = chrono::DateTime::<chrono::Utc>::from(whole_seconds(t)).with_timezone(tz);
                 let prev = cron.find_previous_occurrence(&at, true).ok()?;
-                Some(SystemTime::from(prev.with_timezone(&chrono::Utc)))
+                Some(whole_seconds(SystemTime::from(
+                    prev.with_timezone(&chrono::Utc),
+                )))
+                .filter(|p| *p <= t)
             }
         }
     }
@@ -338,6 +364,14 @@ pub async fn read_all(
     Ok(all.into_iter().collect())
 }
 
+/// `t` without its fraction of a second.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
 fn nanos(n: u128) -> Duration {
     Duration::new((n / 1_000_000_000) as u64, (n % 1_000_000_000) as u32)
 }
@@ -384,6 +418,35 @@ mod tests {
             s.tick_at_or_before(at("2026-11-30T12:00:10Z")),
             Some(at("2026-11-30T12:00:10Z"))
         );
+        // The fraction of a second "now" has is not part of the tick.
+        assert_eq!(
+            s.next_tick_after(at("2026-11-30T12:00:01.734Z")),
+            Some(at("2026-11-30T12:00:10Z"))
+        );
+        assert_eq!(
+            s.tick_at_or_before(at("2026-11-30T12:00:19.5Z")),
+            Some(at("2026-11-30T12:00:10Z"))
+        );
+    }
+
+    #[test]
+    fn cron_ticks_move_forward_through_a_repeated_daylight_saving_hour() {
+        // Europe/Oslo falls back on 2026-10-25: 03:00 CEST becomes 02:00 CET,
+        // so local 02:00–03:00 happens twice (00:00–02:00 UTC).
+        let s = parse(r#"{"command":"x","cron":"*/5 * * * *","tz":"Europe/Oslo"}"#).unwrap();
+        let mut t = at("2026-10-24T23:50:00Z");
+        let mut seen = Vec::new();
+        while t < at("2026-10-25T02:30:00Z") {
+            let next = s.next_tick_after(t).unwrap();
+            assert!(next > t, "{next:?} not after {t:?}");
+            assert!(next.duration_since(t).unwrap() <= Duration::from_secs(3600 + 300));
+            seen.push(next);
+            t = next;
+        }
+        // Like cron, the repeated local hour runs once (its first pass):
+        // every 5 minutes before and after it, each tick once.
+        assert_eq!(seen.len(), 20, "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

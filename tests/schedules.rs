@@ -182,6 +182,13 @@ async fn interval_ticks_fire_at_their_times_spread_over_the_splay() {
 #[tokio::test(start_paused = true)]
 async fn cron_ticks_fire_on_the_expression() {
     let (node, log, wall, at) = node(3).await;
+    // Start a second after a 15 s boundary: 46 s then hold exactly 3 ticks.
+    let into = wall
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 15_000;
+    advance(Duration::from_millis((16_000 - into as u64) % 15_000)).await;
     let spec = ScheduleSpec {
         every: None,
         cron: Some("*/15 * * * * *".into()),
@@ -194,14 +201,15 @@ async fn cron_ticks_fire_on_the_expression() {
     let got = runs(&log, "read");
     assert_eq!(got.len(), 9, "3 workloads x 3 ticks: {got:?}");
     for (w, t) in &got {
-        let wall_t = wall + t.duration_since(at);
+        // (The test's wall clock was read a moment before the node's.)
+        let wall_t = wall + t.duration_since(at) + Duration::from_millis(100);
         let tick = s.tick_at_or_before(wall_t).unwrap();
         let secs = tick
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs();
         assert_eq!(secs % 15, 0, "{w}");
-        assert!(wall_t.duration_since(tick).unwrap() < Duration::from_millis(150));
+        assert!(wall_t.duration_since(tick).unwrap() < Duration::from_millis(250));
     }
 }
 
@@ -361,7 +369,14 @@ async fn an_ad_hoc_task_keeps_its_result_when_asked() {
 #[tokio::test(start_paused = true)]
 async fn a_workload_that_comes_back_runs_its_missed_tick_once_with_run_once() {
     use ottomato::schedule::Missed;
-    let (node, log, _, _) = node(2).await;
+    let (node, log, wall, _) = node(2).await;
+    // Start half a second after a 10 s boundary of the node's clock.
+    let into = wall
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 10_000;
+    advance(Duration::from_millis((10_500 - into as u64) % 10_000)).await;
     let mut spec = ScheduleSpec::every("m", "10s");
     spec.missed = Missed::RunOnce;
     spec.select = Some("d0".into());
@@ -378,7 +393,7 @@ async fn a_workload_that_comes_back_runs_its_missed_tick_once_with_run_once() {
     node.add_workload(WorkloadSpec::new("d0", "rec"))
         .await
         .unwrap();
-    advance(Duration::from_secs(1)).await;
+    advance(Duration::from_secs(3)).await;
     // run-once: the last due tick ran at once; skip: nothing until the next.
     assert_eq!(runs(&log, "m").len(), 3, "{:?}", runs(&log, "m"));
     assert_eq!(runs(&log, "k").len(), 2);

@@ -142,8 +142,21 @@ pub(crate) async fn schedule(conn: &Conn, cmd: ScheduleCmd) -> anyhow::Result<()
             } = *args;
             let mut todo: Vec<(String, ScheduleSpec)> = Vec::new();
             if let Some(path) = file {
-                if !words.is_empty() {
-                    anyhow::bail!("give --file or ID COMMAND, not both");
+                let flags = every.is_some()
+                    || cron.is_some()
+                    || tz.is_some()
+                    || select.is_some()
+                    || !labels.is_empty()
+                    || kwargs.is_some()
+                    || splay.is_some()
+                    || timeout.is_some()
+                    || paused
+                    || overlap != "skip"
+                    || missed != "skip";
+                if !words.is_empty() || flags {
+                    anyhow::bail!(
+                        "--file takes every setting from the file: give it alone (no ID COMMAND, no --every/--select/…)"
+                    );
                 }
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -251,8 +264,14 @@ pub(crate) async fn schedule(conn: &Conn, cmd: ScheduleCmd) -> anyhow::Result<()
                         last: Some(1),
                         ..Default::default()
                     })
-                    .await
-                    .unwrap_or_default();
+                    .await;
+                let last = match last {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("warning: schedule {id}: could not read its results: {e}");
+                        Vec::new()
+                    }
+                };
                 let ok = last.iter().filter(|r| r.result.success).count();
                 rows.push(serde_json::json!({
                     "id": id,
@@ -347,7 +366,7 @@ pub(crate) async fn results(
     conn: &Conn,
     glob: Option<String>,
     schedule: Option<String>,
-    last: usize,
+    last: Option<usize>,
     since: Option<Duration>,
     json: bool,
     wait: Option<Duration>,
@@ -357,7 +376,11 @@ pub(crate) async fn results(
         select: glob,
         source: schedule,
         since: since.map(|d| SystemTime::now() - d),
-        last: Some(last.max(1)),
+        last: match (last, since) {
+            (Some(n), _) => Some(n.max(1)),
+            (None, Some(_)) => None,
+            (None, None) => Some(1),
+        },
     };
     let deadline = std::time::Instant::now() + wait.unwrap_or_default();
     let rows = loop {

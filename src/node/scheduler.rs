@@ -91,6 +91,9 @@ pub(crate) enum Msg {
         generation: u64,
         workload: Arc<str>,
         tick: SystemTime,
+        /// The regular run armed when the check started: the catch-up runs
+        /// only if that one has not fired since (ticks stay in order).
+        armed: SystemTime,
     },
 }
 
@@ -134,6 +137,9 @@ struct State {
     heap: BinaryHeap<Reverse<Entry>>,
     /// The one valid heap entry per key: (generation, fire time).
     armed: HashMap<Key, (u64, SystemTime)>,
+    /// The last tick handled (run, skipped or shed) per key: an edit that
+    /// moves a workload's offset never runs a tick it already handled.
+    last_tick: HashMap<Key, SystemTime>,
     busy: HashSet<Key>,
     inflight: usize,
     max_inflight: usize,
@@ -158,6 +164,7 @@ pub(crate) fn spawn(
         next_generation: 1,
         heap: BinaryHeap::new(),
         armed: HashMap::new(),
+        last_tick: HashMap::new(),
         busy: HashSet::new(),
         inflight: 0,
         max_inflight: shared.cfg.schedule_max_inflight.max(1),
@@ -220,6 +227,7 @@ impl State {
             Msg::Remove(id) => {
                 self.schedules.remove(&id);
                 self.armed.retain(|k, _| k.0 != id);
+                self.last_tick.retain(|k, _| k.0 != id);
             }
             Msg::Done(s, w) => {
                 self.inflight = self.inflight.saturating_sub(1);
@@ -230,19 +238,24 @@ impl State {
                 generation,
                 workload,
                 tick,
+                armed,
             } => {
+                let key = (schedule.clone(), workload.clone());
                 let current = self
                     .schedules
                     .get(&schedule)
                     .filter(|c| c.generation == generation)
                     .map(|c| c.schedule.clone());
-                if let Some(s) = current {
+                let in_order = self.armed.get(&key) == Some(&(generation, armed))
+                    && self.last_tick.get(&key).is_none_or(|t| *t < tick);
+                if let (Some(s), true) = (current, in_order) {
                     if let Some(shared) = self.shared.upgrade() {
                         Counters::inc(&shared.counters.ticks_caught_up);
                     }
                     tracing::info!(schedule = %s.id, %workload,
                         tick = %humantime::format_rfc3339_millis(tick),
                         "running a tick missed while the workload moved (missed: run-once)");
+                    self.last_tick.insert(key, tick);
                     self.start(&s, &workload, tick, true);
                 }
             }
@@ -291,17 +304,46 @@ impl State {
         {
             return true;
         }
-        if let Some((tick, fire)) = c.schedule.next_run(workload, now) {
-            self.armed.insert(key, (c.generation, fire));
-            self.heap.push(Reverse(Entry {
-                fire,
-                tick,
-                generation: c.generation,
-                schedule: schedule.clone(),
-                workload: workload.clone(),
-            }));
+        let (generation, s) = (c.generation, c.schedule.clone());
+        let mut next = s.next_run(workload, now);
+        // Never a tick already handled (an edit may move the offset back).
+        let handled = self.last_tick.get(&key).copied();
+        for _ in 0..4 {
+            match (next, handled) {
+                (Some((tick, fire)), Some(h)) if tick <= h => next = s.next_run(workload, fire),
+                _ => break,
+            }
         }
+        match next {
+            Some((tick, fire)) if fire > now && handled.is_none_or(|h| tick > h) => {
+                self.armed.insert(key, (generation, fire));
+                self.heap.push(Reverse(Entry {
+                    fire,
+                    tick,
+                    generation,
+                    schedule: schedule.clone(),
+                    workload: workload.clone(),
+                }));
+            }
+            _ => {
+                tracing::warn!(schedule = %schedule, %workload, "no next tick; not armed");
+                self.armed.remove(&key);
+            }
+        }
+        self.compact();
         true
+    }
+
+    /// Drops superseded heap entries once they outnumber the live ones
+    /// (every edit leaves one per workload until its time comes).
+    fn compact(&mut self) {
+        if self.heap.len() > 2 * self.armed.len() + 1024 {
+            let armed = &self.armed;
+            self.heap.retain(|Reverse(e)| {
+                armed.get(&(e.schedule.clone(), e.workload.clone()))
+                    == Some(&(e.generation, e.fire))
+            });
+        }
     }
 
     /// A workload came to this node: arm it for every schedule selecting
@@ -321,20 +363,40 @@ impl State {
                 continue;
             }
             let c = &self.schedules[&id];
-            if c.schedule.spec.missed == Missed::RunOnce {
-                self.check_missed(c.schedule.clone(), c.generation, slot.id.clone(), now);
+            let armed = self
+                .armed
+                .get(&(id.clone(), slot.id.clone()))
+                .map(|(_, f)| *f);
+            if let (Missed::RunOnce, Some(armed)) = (c.schedule.spec.missed, armed) {
+                self.check_missed(
+                    c.schedule.clone(),
+                    c.generation,
+                    slot.id.clone(),
+                    now,
+                    armed,
+                );
             }
         }
     }
 
     /// Runs the last due tick once if the results show the workload ran
     /// this schedule before but not that tick.
-    fn check_missed(&self, s: Arc<Schedule>, generation: u64, workload: Arc<str>, now: SystemTime) {
+    fn check_missed(
+        &self,
+        s: Arc<Schedule>,
+        generation: u64,
+        workload: Arc<str>,
+        now: SystemTime,
+        armed: SystemTime,
+    ) {
         let Some((tick, _)) = s.last_due(&workload, now) else {
             return;
         };
         let (store, tx, lookups) = (self.store.clone(), self.tx.clone(), self.lookups.clone());
         tokio::spawn(async move {
+            // The previous owner's last result may still be on its way to
+            // the store (its publisher is asynchronous): give it a moment.
+            tokio::time::sleep(RESULT_SETTLE).await;
             let Ok(_permit) = lookups.acquire().await else {
                 return;
             };
@@ -345,6 +407,7 @@ impl State {
                         generation,
                         workload,
                         tick,
+                        armed,
                     });
                 }
                 Ok(_) => {}
@@ -385,6 +448,7 @@ impl State {
             let Some(slot) = shared.slot(&e.workload) else {
                 // Gone from this node: armed again if it comes back.
                 self.armed.remove(&key);
+                self.last_tick.remove(&key);
                 continue;
             };
             if !s.selects(&slot.id, &slot.spec.labels) {
@@ -394,8 +458,9 @@ impl State {
             // The next run: after this one, and never in the past.
             let next = s
                 .next_run(&e.workload, e.fire)
-                .filter(|(_, fire)| *fire > now)
-                .or_else(|| s.next_run(&e.workload, now));
+                .filter(|(t, fire)| *fire > now && *t > tick)
+                .or_else(|| s.next_run(&e.workload, now))
+                .filter(|(t, fire)| *fire > now && *t > tick);
             match next {
                 Some((tick, fire)) => {
                     self.armed.insert(key.clone(), (e.generation, fire));
@@ -405,6 +470,7 @@ impl State {
                     self.armed.remove(&key);
                 }
             }
+            self.last_tick.insert(key.clone(), tick);
             let late = now.duration_since(fired).unwrap_or_default();
             if late > slack(&s) {
                 Counters::inc(&shared.counters.ticks_shed);
@@ -452,6 +518,10 @@ impl State {
         );
     }
 }
+
+/// How long a new owner waits before reading the last result of a workload
+/// it took over (`missed: run-once`): results are stored asynchronously.
+const RESULT_SETTLE: Duration = Duration::from_secs(2);
 
 /// How late a run may start and still run: half the interval up to a
 /// minute (a minute for cron).

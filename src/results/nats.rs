@@ -11,6 +11,9 @@ use super::{ResultLimits, ResultQuery, ResultStore, StoredResult};
 use crate::store::StoreError;
 use crate::subjects::Subjects;
 
+/// How long a results query waits for the next message before it stops.
+const QUERY_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -137,6 +140,15 @@ impl ResultStore for NatsResults {
             (None, Some(1)) => consumer::DeliverPolicy::LastPerSubject,
             (None, _) => consumer::DeliverPolicy::All,
         };
+        // Read up to the stream's end as it is now: results stored while
+        // we read (or a tail removed by the limits) cannot keep us reading.
+        let end = self
+            .stream
+            .get_info()
+            .await
+            .map_err(backend)?
+            .state
+            .last_sequence;
         let c = self
             .stream
             .create_consumer(consumer::push::OrderedConfig {
@@ -151,15 +163,23 @@ impl ResultStore for NatsResults {
             .map_err(backend)?;
         let mut left = c.cached_info().num_pending;
         let mut out = Vec::new();
-        if left == 0 {
+        if left == 0 || end == 0 {
             return Ok(out);
         }
         let mut messages = c.messages().await.map_err(backend)?;
-        while let Some(m) = messages.next().await {
+        loop {
+            // A silent stream for this long: the rest is gone (limits).
+            let Ok(next) = tokio::time::timeout(QUERY_IDLE, messages.next()).await else {
+                break;
+            };
+            let Some(m) = next else { break };
             let m = m.map_err(backend)?;
             let Ok(info) = m.info() else { continue };
             let seq = info.stream_sequence;
             left = info.pending;
+            if seq > end {
+                break;
+            }
             if let Some(r) = self.decode(m.subject.as_str(), seq, &m.payload) {
                 if query.keeps(&r.workload, &r.source)
                     && query
@@ -169,7 +189,7 @@ impl ResultStore for NatsResults {
                     out.push(r);
                 }
             }
-            if left == 0 {
+            if left == 0 || seq >= end {
                 break;
             }
         }
