@@ -91,8 +91,8 @@ pub(crate) enum Msg {
         generation: u64,
         workload: Arc<str>,
         tick: SystemTime,
-        /// The regular run armed when the check started: the catch-up runs
-        /// only if that one has not fired since (ticks stay in order).
+        /// The first regular run armed for this ownership: the catch-up
+        /// tick must be before it.
         armed: SystemTime,
     },
 }
@@ -246,16 +246,17 @@ impl State {
                     .get(&schedule)
                     .filter(|c| c.generation == generation)
                     .map(|c| c.schedule.clone());
-                let in_order = self.armed.get(&key) == Some(&(generation, armed))
-                    && self.last_tick.get(&key).is_none_or(|t| *t < tick);
-                if let (Some(s), true) = (current, in_order) {
+                // Still held and selected (armed under this generation),
+                // and the tick is before the first one this ownership
+                // armed: this node has not run it.
+                let held = self.armed.get(&key).is_some_and(|(g, _)| *g == generation);
+                if let (Some(s), true, true) = (current, held, tick < armed) {
                     if let Some(shared) = self.shared.upgrade() {
                         Counters::inc(&shared.counters.ticks_caught_up);
                     }
                     tracing::info!(schedule = %s.id, %workload,
                         tick = %humantime::format_rfc3339_millis(tick),
                         "running a tick missed while the workload moved (missed: run-once)");
-                    self.last_tick.insert(key, tick);
                     self.start(&s, &workload, tick, true);
                 }
             }
@@ -392,30 +393,48 @@ impl State {
         let Some((tick, _)) = s.last_due(&workload, now) else {
             return;
         };
+        // The previous owner's last result may still be on its way to the
+        // store (its publisher is asynchronous): a tick that looks missed
+        // is looked at again a moment later — before this node's own first
+        // run of the schedule, whose result would hide the answer.
+        let settle = RESULT_SETTLE.min(armed.duration_since(now).unwrap_or_default() / 2);
         let (store, tx, lookups) = (self.store.clone(), self.tx.clone(), self.lookups.clone());
         tokio::spawn(async move {
-            // The previous owner's last result may still be on its way to
-            // the store (its publisher is asynchronous): give it a moment.
-            tokio::time::sleep(RESULT_SETTLE).await;
             let Ok(_permit) = lookups.acquire().await else {
                 return;
             };
-            match store.last(&workload, &s.id).await {
-                Ok(Some(prev)) if prev.result.tick.is_some_and(|t| t < tick) => {
-                    let _ = tx.send(Msg::CatchUp {
-                        schedule: s.id.clone(),
-                        generation,
-                        workload,
-                        tick,
-                        armed,
-                    });
-                }
-                Ok(_) => {}
+            let last = |store: Arc<dyn ResultStore>, w: Arc<str>, id: Arc<str>| async move {
+                store
+                    .last(&w, &id)
+                    .await
+                    .map(|r| r.and_then(|r| r.result.tick))
+            };
+            let missed = match last(store.clone(), workload.clone(), s.id.clone()).await {
+                // Never ran this schedule here before: nothing was missed.
+                Ok(Some(prev)) => prev < tick,
+                Ok(None) => false,
                 Err(e) => {
                     tracing::warn!(schedule = %s.id, workload = %workload, error = %e,
-                        "could not read the last result; not running a missed tick")
+                        "could not read the last result; not running a missed tick");
+                    false
+                }
+            };
+            if !missed {
+                return;
+            }
+            tokio::time::sleep(settle).await;
+            if let Ok(Some(now_last)) = last(store, workload.clone(), s.id.clone()).await {
+                if now_last == tick {
+                    return; // the previous owner did run it
                 }
             }
+            let _ = tx.send(Msg::CatchUp {
+                schedule: s.id.clone(),
+                generation,
+                workload,
+                tick,
+                armed,
+            });
         });
     }
 
