@@ -183,6 +183,31 @@ impl Client {
             .map_err(|err| ClientError::Invalid(format!("schedule {id} as stored: {err}")))
     }
 
+    /// Pauses (`false`) or resumes (`true`) schedule `id`, by
+    /// compare-and-set on the stored revision (retried if someone else
+    /// wrote it meanwhile), so a concurrent edit is never lost.
+    pub async fn set_schedule_enabled(&self, id: &str, enabled: bool) -> Result<(), ClientError> {
+        let bucket = self.schedules_bucket().await?;
+        for _ in 0..8 {
+            let Some(e) = bucket.get(id).await.map_err(backend)? else {
+                return Err(ClientError::NotFound(format!("schedule {id}")));
+            };
+            let mut spec: ScheduleSpec = serde_json::from_slice(&e.value)
+                .map_err(|err| ClientError::Invalid(format!("schedule {id} as stored: {err}")))?;
+            spec.enabled = enabled;
+            let value = serde_json::to_vec(&spec).map_err(backend)?;
+            match bucket.update(id, Bytes::from(value), e.revision).await {
+                Ok(_) => return Ok(()),
+                Err(crate::store::StoreError::RevisionMismatch { .. }) => continue,
+                Err(other) => return Err(backend(other)),
+            }
+        }
+        Err(ClientError::Backend(format!(
+            "schedule {id} kept changing while it was being {}; try again",
+            if enabled { "resumed" } else { "paused" }
+        )))
+    }
+
     /// Every stored schedule, by id: parsed, or why it is invalid.
     pub async fn schedules(&self) -> Result<Vec<(String, Result<Schedule, String>)>, ClientError> {
         crate::schedule::read_all(self.schedules_bucket().await?)

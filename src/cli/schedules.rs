@@ -352,11 +352,7 @@ pub(crate) async fn schedule(conn: &Conn, cmd: ScheduleCmd) -> anyhow::Result<()
 }
 
 async fn set_enabled(client: &crate::client::Client, id: &str, on: bool) -> anyhow::Result<()> {
-    let Some(mut spec) = client.schedule(id).await? else {
-        anyhow::bail!("no schedule {id:?}");
-    };
-    spec.enabled = on;
-    client.put_schedule(id, &spec).await?;
+    client.set_schedule_enabled(id, on).await?;
     println!("schedule {id} {}", if on { "resumed" } else { "paused" });
     Ok(())
 }

@@ -212,6 +212,9 @@ impl State {
         match m {
             Msg::Put(s) => {
                 let id = s.id.clone();
+                // First seen here (node start): workloads it already holds
+                // may have missed a tick while they moved to it.
+                let first_seen = !self.schedules.contains_key(&id);
                 let generation = self.next_generation;
                 self.next_generation += 1;
                 self.armed.retain(|k, _| k.0 != id);
@@ -222,7 +225,7 @@ impl State {
                         schedule: s,
                     },
                 );
-                self.arm_schedule(&id);
+                self.arm_schedule(&id, first_seen);
             }
             Msg::Remove(id) => {
                 self.schedules.remove(&id);
@@ -264,21 +267,55 @@ impl State {
     }
 
     /// Arms every held workload `id` selects that is not armed yet.
-    fn arm_schedule(&mut self, id: &Arc<str>) {
+    /// Arms every held workload `id` selects that is not armed yet; with
+    /// `check`, looks for a missed tick of each one newly armed (a schedule
+    /// first seen by this node, after workloads came to it).
+    fn arm_schedule(&mut self, id: &Arc<str>, check: bool) {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
         let now = self.clock.now();
         let slots: Vec<_> = shared.registry().values().cloned().collect();
         for slot in slots {
-            self.arm(id, &slot.id, &slot.spec.labels, now);
+            self.arm_and_check(id, &slot.id, &slot.spec.labels, now, check);
         }
     }
 
+    /// After a lagging event stream: arm whatever came meanwhile.
     fn arm_all(&mut self) {
         let ids: Vec<Arc<str>> = self.schedules.keys().cloned().collect();
         for id in ids {
-            self.arm_schedule(&id);
+            self.arm_schedule(&id, true);
+        }
+    }
+
+    /// Arms (schedule, workload); when it was not armed before and `check`
+    /// is set, runs the `missed: run-once` check for it.
+    fn arm_and_check(
+        &mut self,
+        id: &Arc<str>,
+        workload: &Arc<str>,
+        labels: &std::collections::BTreeMap<String, String>,
+        now: SystemTime,
+        check: bool,
+    ) {
+        let key = (id.clone(), workload.clone());
+        let was_armed = self.armed.contains_key(&key);
+        if !self.arm(id, workload, labels, now) || was_armed || !check {
+            return;
+        }
+        let Some(c) = self.schedules.get(id) else {
+            return;
+        };
+        let armed = self.armed.get(&key).map(|(_, f)| *f);
+        if let (Missed::RunOnce, Some(armed)) = (c.schedule.spec.missed, armed) {
+            self.check_missed(
+                c.schedule.clone(),
+                c.generation,
+                workload.clone(),
+                now,
+                armed,
+            );
         }
     }
 
@@ -359,24 +396,7 @@ impl State {
         let now = self.clock.now();
         let ids: Vec<Arc<str>> = self.schedules.keys().cloned().collect();
         for id in ids {
-            let was_armed = self.armed.contains_key(&(id.clone(), slot.id.clone()));
-            if !self.arm(&id, &slot.id, &slot.spec.labels, now) || was_armed {
-                continue;
-            }
-            let c = &self.schedules[&id];
-            let armed = self
-                .armed
-                .get(&(id.clone(), slot.id.clone()))
-                .map(|(_, f)| *f);
-            if let (Missed::RunOnce, Some(armed)) = (c.schedule.spec.missed, armed) {
-                self.check_missed(
-                    c.schedule.clone(),
-                    c.generation,
-                    slot.id.clone(),
-                    now,
-                    armed,
-                );
-            }
+            self.arm_and_check(&id, &slot.id, &slot.spec.labels, now, true);
         }
     }
 
