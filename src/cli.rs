@@ -575,18 +575,32 @@ async fn run_node(conn: &commands::Conn, args: NodeArgs, kinds: Kinds) -> anyhow
         ),
         None => None,
     };
-    let results = crate::results::NatsResults::open_or_create(
-        client.clone(),
-        Subjects::new(&st.prefix),
-        crate::results::ResultLimits {
-            max_age: st.results_max_age,
-            max_bytes: st.results_max_bytes,
-            per_subject: st.results_history.max(1),
-        },
-        st.replicas,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A NATS cluster still electing its JetStream leader (or creating the
+    // stream for another node starting at the same moment) times out
+    // requests for a while: retry for up to a minute, as for the buckets.
+    let limits = crate::results::ResultLimits {
+        max_age: st.results_max_age,
+        max_bytes: st.results_max_bytes,
+        per_subject: st.results_history.max(1),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let results = loop {
+        match crate::results::NatsResults::open_or_create(
+            client.clone(),
+            Subjects::new(&st.prefix),
+            limits,
+            st.replicas,
+        )
+        .await
+        {
+            Ok(r) => break r,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "results stream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    };
     let builder = builder.results(Arc::new(results));
     let cluster = Cluster::start(
         builder,

@@ -1027,22 +1027,24 @@ impl NodeBuilder {
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn StateStore>);
         // A NATS cluster still electing its JetStream leader refuses bucket
         // creation for a while: retry for up to 30 s.
-        let spec = subjects.state_bucket_spec_with(self.state_replicas.max(1));
         let deadline = Instant::now() + Duration::from_secs(30);
-        let bucket = loop {
-            match store.bucket(&spec).await {
-                Ok(b) => break b,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(bucket = %spec.name, error = %e, "bucket not ready; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+        let open = |spec: crate::store::BucketSpec| {
+            let store = store.clone();
+            async move {
+                loop {
+                    match store.bucket(&spec).await {
+                        Ok(b) => break Ok(b),
+                        Err(e) if Instant::now() < deadline => {
+                            tracing::warn!(bucket = %spec.name, error = %e, "bucket not ready; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => break Err(NodeError::Backend(format!("{}: {e}", spec.name))),
+                    }
                 }
-                Err(e) => return Err(NodeError::Backend(e.to_string())),
             }
         };
-        let schedules = store
-            .bucket(&subjects.schedules_bucket_spec(self.state_replicas.max(1)))
-            .await
-            .map_err(|e| NodeError::Backend(format!("schedules bucket: {e}")))?;
+        let bucket = open(subjects.state_bucket_spec_with(self.state_replicas.max(1))).await?;
+        let schedules = open(subjects.schedules_bucket_spec(self.state_replicas.max(1))).await?;
         let result_store = self
             .results
             .unwrap_or_else(|| Arc::new(MemoryResults::default()) as Arc<dyn ResultStore>);

@@ -844,10 +844,15 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                 .zip(cpu0)
                 .map(|(p, c)| cpu_of(p.pid()) - c)
                 .sum();
+            let node_rss: u64 = nodes.iter().map(|p| rss_of(p.pid())).sum();
             eprintln!(
-                "   {:.2} state writes per workload; CPU: nodes {node_cpu:.1} s, nats-server {:.1} s",
+                "   {:.2} state writes per workload; CPU: nodes {node_cpu:.1} s, nats-server {:.1} s; \
+                 RSS: nodes {:.0} MiB ({:.1} KB per workload), nats-server {:.0} MiB",
                 w.with(|v| v.puts) as f64 / n as f64,
-                cpu_of(nats.child.id()) - server0
+                cpu_of(nats.child.id()) - server0,
+                node_rss as f64 / 1048576.0,
+                node_rss as f64 / 1000.0 / n as f64,
+                rss_of(nats.child.id()) as f64 / 1048576.0
             );
             drop(nodes);
         }
