@@ -182,34 +182,47 @@ async fn interval_ticks_fire_at_their_times_spread_over_the_splay() {
 #[tokio::test(start_paused = true)]
 async fn cron_ticks_fire_on_the_expression() {
     let (node, log, wall, at) = node(3).await;
-    // Start a second after a 15 s boundary: 46 s then hold exactly 3 ticks.
-    let into = wall
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        % 15_000;
-    advance(Duration::from_millis((16_000 - into as u64) % 15_000)).await;
     let spec = ScheduleSpec {
         every: None,
         cron: Some("*/15 * * * * *".into()),
         tz: Some("Europe/Oslo".into()),
+        splay: Some("5s".into()),
         ..ScheduleSpec::every("read", "1s")
     };
+    let put_at = wall + Instant::now().duration_since(at);
     node.put_schedule("quarter", &spec).await.unwrap();
     let s = Schedule::parse("quarter", spec).unwrap();
     advance(Duration::from_secs(46)).await;
+    let end = wall + Instant::now().duration_since(at);
     let got = runs(&log, "read");
-    assert_eq!(got.len(), 9, "3 workloads x 3 ticks: {got:?}");
-    for (w, t) in &got {
-        // (The test's wall clock was read a moment before the node's.)
-        let wall_t = wall + t.duration_since(at) + Duration::from_millis(100);
-        let tick = s.tick_at_or_before(wall_t).unwrap();
-        let secs = tick
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        assert_eq!(secs % 15, 0, "{w}");
-        assert!(wall_t.duration_since(tick).unwrap() < Duration::from_millis(250));
+    for w in ["d0", "d1", "d2"] {
+        // Every run due on the cron expression (+ the workload's offset
+        // in the 5 s splay) between the put and now, on time.
+        let mut due = Vec::new();
+        let mut t = put_at;
+        while let Some((tick, fire)) = s.next_run(w, t) {
+            if fire > end - Duration::from_millis(200) {
+                break;
+            }
+            let secs = tick
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert_eq!(secs % 15, 0, "{w}");
+            due.push(instant(wall, at, fire));
+            t = fire;
+        }
+        let mine: Vec<Instant> = got
+            .iter()
+            .filter(|(x, _)| x == w)
+            .map(|(_, t)| *t)
+            .collect();
+        assert!(due.len() >= 2, "{w}: {due:?}");
+        assert_eq!(mine.len(), due.len(), "{w}: ran {mine:?}, due {due:?}");
+        for (m, d) in mine.iter().zip(&due) {
+            let drift = if m > d { *m - *d } else { *d - *m };
+            assert!(drift < Duration::from_millis(250), "{w}: ran {drift:?} off");
+        }
     }
 }
 
