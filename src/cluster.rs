@@ -39,6 +39,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::events::Event;
 use crate::spec::{validate_id, WorkloadSpec};
@@ -308,16 +309,22 @@ impl Cluster {
         let shared_info = Arc::new(std::sync::Mutex::new(info.clone()));
         let kick = Arc::new(tokio::sync::Notify::new());
         let fatal = Fatal::new();
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            node.clone(),
-            nodes.clone(),
-            shared_info.clone(),
-            kick.clone(),
-            cfg.clone(),
-            membership_revision.clone(),
-            sent_beats.clone(),
-            fatal.clone(),
-        ));
+        // Each node's coordination logs name it (several nodes may share
+        // one process: tests, simulations, embedding applications).
+        let span = tracing::info_span!("cluster", node = %me);
+        let heartbeat = tokio::spawn(
+            heartbeat_loop(
+                node.clone(),
+                nodes.clone(),
+                shared_info.clone(),
+                kick.clone(),
+                cfg.clone(),
+                membership_revision.clone(),
+                sent_beats.clone(),
+                fatal.clone(),
+            )
+            .instrument(span.clone()),
+        );
         let mut members = Members::new(&me, &incarnation, cfg.node_ttl, sent_beats, Instant::now());
         if let Some((inc, at)) = predecessor {
             members.predecessor(&inc, at);
@@ -353,6 +360,7 @@ impl Cluster {
             grace_held: HashMap::default(),
             joined: Instant::now(),
             synced: [false; 3],
+            state_known: false,
             replayed: [None, None, None],
             pending: HashSet::default(),
             releasing: HashMap::default(),
@@ -361,7 +369,11 @@ impl Cluster {
             results_tx,
             events_out: EventsOut::spawn(transport_for_events),
         };
-        let coordinator = tokio::spawn(coordinator.run(stop_rx, results_rx));
+        let coordinator = tokio::spawn(
+            coordinator
+                .run(stop_rx, results_rx)
+                .instrument(span.clone()),
+        );
         tracing::info!(node = node.id(), "joined cluster");
         Ok(Cluster {
             node,
@@ -804,28 +816,33 @@ fn fence_all(node: &Node) {
 }
 
 /// A watch that re-subscribes when its stream ends (connection trouble, a
-/// lagging watcher). `None` marks the start of each subscription: a full
-/// replay follows, ending with `Synced`, and anything not replayed is gone.
+/// lagging watcher). `None` marks the end of a subscription (at once, so
+/// nothing is decided on a view known to have a hole while re-watching)
+/// and the start of each new one: a full replay follows, ending with
+/// `Synced`, and anything not replayed is gone.
 fn resilient_watch(
     bucket: Arc<dyn KvBucket>,
     name: String,
 ) -> BoxStream<'static, Option<KvChange>> {
     futures::stream::unfold(
-        (bucket, None::<BoxStream<'static, KvChange>>, name),
-        |(bucket, mut current, name)| async move {
+        (bucket, None::<BoxStream<'static, KvChange>>, name, false),
+        |(bucket, mut current, name, mut ended)| async move {
             loop {
+                if ended {
+                    ended = false;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 if let Some(s) = current.as_mut() {
                     if let Some(c) = s.next().await {
-                        return Some((Some(c), (bucket, current, name)));
+                        return Some((Some(c), (bucket, current, name, false)));
                     }
                     tracing::warn!(bucket = %name, "watch ended; re-watching");
-                    current = None;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Some((None, (bucket, None, name, true)));
                 }
                 match bucket.watch().await {
                     Ok(s) => {
                         current = Some(s);
-                        return Some((None, (bucket, current, name)));
+                        return Some((None, (bucket, current, name, false)));
                     }
                     Err(e) => {
                         tracing::warn!(bucket = %name, error = %e, "cannot watch; retrying");
@@ -860,6 +877,7 @@ struct Claim {
     moves: u32,
 }
 
+#[derive(Debug)]
 enum ClaimKind {
     /// Create the key (it is absent).
     Create,
@@ -918,6 +936,9 @@ struct Coordinator {
     joined: Instant,
     /// Specs, nodes, state: each watch has replayed its bucket.
     synced: [bool; 3],
+    /// The state watch has replayed the bucket once: from then on, every
+    /// record new to us was written while we watched.
+    state_known: bool,
     /// Keys seen since each watch (re)started, until its `Synced`.
     replayed: [Option<HashSet<String>>; 3],
     /// Claims in flight.
@@ -1148,7 +1169,8 @@ impl Coordinator {
         };
         tracing::trace!(bucket = which, change = ?change, "input");
         let Some(change) = change else {
-            // A (re)started watch: replay follows.
+            // A watch ended, or (re)started: its view has a hole until the
+            // replay that follows ends (no reconcile meanwhile).
             self.synced[which] = false;
             self.replayed[which] = Some(HashSet::default());
             if which == 1 {
@@ -1169,6 +1191,7 @@ impl Coordinator {
             }
             KvChange::Synced => {
                 self.synced[which] = true;
+                self.state_known |= which == 2;
                 if let Some(seen) = self.replayed[which].take() {
                     self.forget_unseen(which, &seen);
                 }
@@ -1278,8 +1301,19 @@ impl Coordinator {
                         .map(|r| (r.owner, r.incarnation, r.avoid, r.moves))
                         .unwrap_or_else(|_| ("?".into(), String::new(), Vec::new(), 0));
                 let ours = owner == self.me && incarnation == self.incarnation;
+                // A record written while we watch — new to us, after our
+                // first full view of the bucket — is a sighting of its
+                // writer. One we knew is not: a dead owner's last records,
+                // replayed after every watch restart, must not keep it
+                // alive; nor do the records found at start (what they say
+                // of their writers' liveness, the membership watch tells).
+                let live_write = self.state_known
+                    && self
+                        .claims
+                        .get(&e.key)
+                        .is_none_or(|c| c.revision < e.revision);
                 self.members
-                    .note_claimant(&owner, &incarnation, Instant::now());
+                    .note_claimant(&owner, &incarnation, Instant::now(), live_write);
                 if self
                     .claims
                     .get(&e.key)
@@ -1690,6 +1724,7 @@ impl Coordinator {
         avoid: Vec<String>,
         moves: u32,
     ) {
+        tracing::debug!(workload = %id, kind = ?kind, "claiming");
         let failed = spec.as_ref().err().cloned();
         let unplaceable = match &kind {
             ClaimKind::Unplaceable(reason) => Some(reason.clone()),

@@ -2,9 +2,12 @@
 //! FoundationDB tests: many nodes in one process on the in-memory backend,
 //! tokio's paused clock (virtual time), and a seeded random schedule of
 //! joins, crashes, restarts under the same id, partitions and spec churn.
-//! Each seed runs ~2 virtual minutes in milliseconds of real time; a failure
-//! prints its seed (`OTTOMATO_SIM_SEED=<n>` replays one, `OTTOMATO_SIM_SEEDS`
-//! sets how many run).
+//! Each seed runs ~2 virtual minutes in milliseconds of real time, on a
+//! runtime of its own; a failure prints its seed (`OTTOMATO_SIM_SEED=<n>`
+//! replays one, `OTTOMATO_SIM_SEEDS` sets how many run and
+//! `OTTOMATO_SIM_FROM` the first, `OTTOMATO_SIM_REPEAT` runs each seed that
+//! many times — task wake-up order across nodes is not fixed by the seed —
+//! and `OTTOMATO_SIM_LOG_DIR` writes each failing run's log there).
 //!
 //! A partition is a gate in front of one node's storage: its heartbeats,
 //! claims, state writes and watch deliveries stall while its actors keep
@@ -687,17 +690,70 @@ async fn converged(nodes: &[SimNode], ids: &[String], state: &dyn KvBucket) -> R
     Ok(())
 }
 
+// ---- logs of failing runs (OTTOMATO_SIM_LOG_DIR) ------------------------------
+
+thread_local! {
+    /// This thread's log of the seed it runs now.
+    static RUN_LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Virtual time zero of the seed this thread runs.
+    static RUN_T0: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+struct RunLog;
+
+impl std::io::Write for RunLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        RUN_LOG.with(|l| l.borrow_mut().extend_from_slice(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log lines stamped with the run's virtual time (ms since its start).
+struct VirtualTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for VirtualTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match RUN_T0.with(|t| t.get()) {
+            Some(t0) => write!(w, "{:>9}ms", (Instant::now() - t0).as_millis()),
+            None => write!(w, "        -"),
+        }
+    }
+}
+
 fn run_seeds(seeds: Vec<u64>) -> Vec<(u64, String)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let log_dir = std::env::var_os("OTTOMATO_SIM_LOG_DIR").map(std::path::PathBuf::from);
     let mut failures = vec![];
-    for seed in seeds {
-        if let Err(e) =
-            rt.block_on(async { tokio::task::LocalSet::new().run_until(run_seed(seed)).await })
-        {
+    for (run, seed) in seeds.into_iter().enumerate() {
+        RUN_LOG.with(|l| l.borrow_mut().clear());
+        if log_dir.is_some() {
+            eprintln!("seed {seed}: run {run} starting");
+        }
+        // A runtime per seed: nothing a seed leaves behind (tasks of
+        // crashed nodes, timers) runs on into the next one, so a seed
+        // behaves the same alone as in a sweep, and sweeps do not slow down.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            RUN_T0.with(|t| t.set(Some(Instant::now())));
+            tokio::task::LocalSet::new().run_until(run_seed(seed)).await
+        });
+        if let Err(e) = r {
+            if let Some(dir) = &log_dir {
+                let path = dir.join(format!(
+                    "seed-{seed}-run-{run}-{:?}.log",
+                    std::thread::current().id()
+                ));
+                let mut text = RUN_LOG.with(|l| std::mem::take(&mut *l.borrow_mut()));
+                text.extend_from_slice(format!("\nFAILED: {e}\n").as_bytes());
+                let _ = std::fs::write(&path, text);
+                eprintln!("seed {seed}: log in {}", path.display());
+            }
             failures.push((seed, e));
         }
     }
@@ -706,13 +762,26 @@ fn run_seeds(seeds: Vec<u64>) -> Vec<(u64, String)> {
 
 #[test]
 fn cluster_protocol_holds_under_random_faults() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
-        )
-        .try_init();
+    if std::env::var_os("OTTOMATO_SIM_LOG_DIR").is_some() {
+        // Each failing run's log to a file of its own (RUST_LOG, else info).
+        let _ = tracing_subscriber::fmt()
+            .with_writer(|| RunLog)
+            .with_ansi(false)
+            .with_timer(VirtualTime)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ottomato=info")),
+            )
+            .try_init();
+    } else {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+            )
+            .try_init();
+    }
     let seeds: Vec<u64> = match std::env::var("OTTOMATO_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("OTTOMATO_SIM_SEED is a number")],
         Err(_) => {
@@ -721,13 +790,35 @@ fn cluster_protocol_holds_under_random_faults() {
                 .and_then(|s| s.parse().ok())
                 // A quick sweep by default; `.ci/run` sets thousands.
                 .unwrap_or(300);
-            (0..n).collect()
+            // OTTOMATO_SIM_FROM: where the sweep starts (default 0).
+            let from: u64 = std::env::var("OTTOMATO_SIM_FROM")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            (from..from + n).collect()
         }
     };
+    // Replaying a seed many times explores the interleavings it leaves open
+    // (task wake-up order across nodes is not fixed by the seed).
+    let repeat: usize = std::env::var("OTTOMATO_SIM_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let seeds: Vec<u64> = seeds
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(*s, repeat))
+        .collect();
     let total = seeds.len();
     let started = std::time::Instant::now();
     // Two threads, each its own single-threaded runtime with a paused clock.
-    let (a, b): (Vec<u64>, Vec<u64>) = seeds.iter().partition(|s| *s % 2 == 0);
+    let (mut a, mut b) = (vec![], vec![]);
+    for (i, s) in seeds.iter().enumerate() {
+        if i % 2 == 0 {
+            a.push(*s)
+        } else {
+            b.push(*s)
+        }
+    }
     let ta = std::thread::spawn(move || run_seeds(a));
     let mut failures = run_seeds(b);
     failures.extend(ta.join().unwrap());

@@ -14,8 +14,18 @@
 //!   full TTL, so its lease (`its send time + TTL − margin`) has run out, and
 //!   a node renews a lease only from an unbroken one (else it fences first).
 //! - a restarted watch (reconnect, resync) may have missed anything:
-//!   observation starts again from then.
+//!   observation starts again from then. So may a watch that delivered
+//!   nothing of ours for longer than half the TTL (held up, or our writes
+//!   failing, or we were cut off): entries expire (a server clock running
+//!   fast expires them early), and a held-up watcher never sees those that
+//!   expired meanwhile. Assumed: the server keeps an entry at least half
+//!   the TTL.
 //! - a peer that left cleanly (`left: true`, nothing held) is dead at once.
+//! - every state record a peer writes (a claim, a status) is proof of life
+//!   too, as of its delivery: a peer cut off past its TTL fences everything
+//!   and may come back **under the same incarnation**, and a watcher whose
+//!   membership view has a hole must not go on judging it dead while its
+//!   new claims arrive ([`Members::note_claimant`]).
 //!
 //! A stalled watch or a node that cannot heartbeat has a stale
 //! `current_as_of`, so it declares nobody dead: it cannot take over wrongly.
@@ -88,20 +98,52 @@ impl Members {
         self.retired.insert(incarnation.to_string(), at);
     }
 
-    /// A claim by `owner`/`incarnation` was seen: an incarnation we know
-    /// nothing of yet counts as seen now.
-    pub(crate) fn note_claimant(&mut self, owner: &str, incarnation: &str, now: Instant) {
-        if owner.is_empty()
-            || owner == self.me // our own claims: nothing to learn (and no allocation per claim)
-            || self.retired.contains_key(incarnation)
-            || self
-                .peers
-                .get(owner)
-                .is_some_and(|p| p.info.incarnation == incarnation)
+    /// A state record written by `owner`/`incarnation` was delivered at
+    /// `now`. An incarnation we know nothing of yet starts being observed
+    /// from here. When the record was written while we watched
+    /// (`live_write`: delivered live, not replayed), its writer was alive
+    /// then, so it counts as seen now — like a heartbeat.
+    ///
+    /// This matters because "dead" is not for ever: a node cut off for
+    /// longer than the TTL fences everything, and when it is back it renews
+    /// its lease and claims again **under the same incarnation**. A watcher
+    /// whose membership view has a hole (a gap in its watch, heartbeats
+    /// that expired while it was cut off itself) may still judge it dead;
+    /// its claims, delivered on the state watch, say otherwise, and the
+    /// coordinator only ever acts on claims it has been delivered.
+    pub(crate) fn note_claimant(
+        &mut self,
+        owner: &str,
+        incarnation: &str,
+        now: Instant,
+        live_write: bool,
+    ) {
+        if owner.is_empty() || (owner == self.me && incarnation == self.incarnation) {
+            return; // ownerless, or ours: nothing to learn
+        }
+        if let Some(p) = self
+            .peers
+            .get_mut(owner)
+            .filter(|p| p.info.incarnation == incarnation)
         {
+            if live_write {
+                p.seen = p.seen.max(now);
+            }
             return;
         }
-        self.claimants.entry(incarnation.to_string()).or_insert(now);
+        if let Some(seen) = self.retired.get_mut(incarnation) {
+            if live_write {
+                *seen = (*seen).max(now);
+            }
+            return;
+        }
+        match self.claimants.get_mut(incarnation) {
+            Some(seen) if live_write => *seen = (*seen).max(now),
+            Some(_) => {}
+            None => {
+                self.claimants.insert(incarnation.to_string(), now);
+            }
+        }
     }
 
     /// The watch (re)started: whatever happened before may be unseen.
@@ -117,6 +159,17 @@ impl Members {
             }
             let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(at) = sent.get(&info.beat).copied() {
+                if self
+                    .current_as_of
+                    .is_some_and(|c| now.saturating_duration_since(c) > self.ttl / 2)
+                {
+                    // A hole: since the last beat of ours we saw, long
+                    // enough passed (our watch held up, our writes failing,
+                    // ourselves cut off) that others' entries written
+                    // meanwhile may have expired before they reached us.
+                    // What we did not see proves nothing: observe afresh.
+                    self.watch_since = now;
+                }
                 self.current_as_of = Some(self.current_as_of.map_or(at, |c| c.max(at)));
             }
             // Older beats can no longer tell us more than this one.
@@ -216,6 +269,17 @@ mod tests {
         }
     }
 
+    /// Our heartbeats, one a second for `d`, each seen on the watch.
+    async fn beats(m: &mut Members, sent: &SentBeats, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let beat = sent.lock().unwrap().keys().last().map_or(1000, |b| b + 1);
+            sent.lock().unwrap().insert(beat, Instant::now());
+            m.observe(info("me", "i-me", beat), Instant::now());
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_peer_is_dead_only_after_a_full_ttl_of_our_own_fresh_heartbeats() {
         let ttl = Duration::from_secs(5);
@@ -234,12 +298,30 @@ mod tests {
         // A restarted watch starts observation afresh.
         m.watch_restarted(Instant::now());
         assert!(!m.dead("p", "i-p"));
-        tokio::time::advance(ttl).await;
-        sent.lock().unwrap().insert(8, Instant::now());
-        m.observe(info("me", "i-me", 8), Instant::now());
+        beats(&mut m, &sent, ttl).await;
         assert!(m.dead("p", "i-p"));
         // Claims of a process never seen: dead after a TTL of watching.
         assert!(m.dead("q", "i-q"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_in_our_own_heartbeats_starts_observation_afresh() {
+        // Our watch was held up (or we were cut off) for longer than half
+        // the TTL: p's heartbeats of that time may have expired unseen.
+        // Our own fresh beat then proves nothing about p.
+        let ttl = Duration::from_secs(5);
+        let sent = SentBeats::default();
+        let mut m = Members::new("me", "i-me", ttl, sent.clone(), Instant::now());
+        m.observe(info("p", "i-p", 1), Instant::now());
+        beats(&mut m, &sent, Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        sent.lock().unwrap().insert(50, Instant::now());
+        m.observe(info("me", "i-me", 50), Instant::now());
+        assert!(m.holds("p", "i-p"), "not seen, but nothing proves it gone");
+        beats(&mut m, &sent, ttl - Duration::from_secs(1)).await;
+        assert!(m.holds("p", "i-p"));
+        beats(&mut m, &sent, Duration::from_secs(1)).await;
+        assert!(!m.holds("p", "i-p"), "a full TTL of fresh observation");
     }
 
     #[tokio::test(start_paused = true)]
@@ -247,19 +329,46 @@ mod tests {
         let ttl = Duration::from_secs(5);
         let sent = SentBeats::default();
         let mut m = Members::new("me", "i-me", ttl, sent.clone(), Instant::now());
-        tokio::time::advance(Duration::from_secs(60)).await;
-        sent.lock().unwrap().insert(1, Instant::now());
-        m.observe(info("me", "i-me", 1), Instant::now());
+        beats(&mut m, &sent, Duration::from_secs(60)).await;
         // A new node's claim arrives on the state watch before its heartbeat.
-        m.note_claimant("d", "i-d", Instant::now());
+        m.note_claimant("d", "i-d", Instant::now(), false);
         assert!(m.holds("d", "i-d"), "first seen just now");
-        tokio::time::advance(ttl).await;
-        sent.lock().unwrap().insert(2, Instant::now());
-        m.observe(info("me", "i-me", 2), Instant::now());
+        beats(&mut m, &sent, ttl).await;
         assert!(
             !m.holds("d", "i-d"),
             "silent for a full TTL since its claim"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_back_from_a_cutoff_is_alive_again_by_its_claims() {
+        // p was judged dead; it was cut off, fenced, and came back under the
+        // same incarnation. Our membership view has a hole (its heartbeats
+        // since never reached us), but its new claims did: it holds them.
+        let ttl = Duration::from_secs(5);
+        let sent = SentBeats::default();
+        let mut m = Members::new("me", "i-me", ttl, sent.clone(), Instant::now());
+        m.observe(info("p", "i-p", 1), Instant::now());
+        beats(&mut m, &sent, ttl * 2).await;
+        assert!(m.dead("p", "i-p"));
+        m.note_claimant("p", "i-p", Instant::now(), true);
+        assert!(m.holds("p", "i-p"), "its claim just arrived");
+        // The same for an older incarnation of an id, and for one known
+        // only by its claims: each new record of theirs is proof of life.
+        m.observe(info("p", "i-p2", 1), Instant::now());
+        m.note_claimant("q", "i-q", Instant::now(), true);
+        beats(&mut m, &sent, ttl).await;
+        assert!(!m.holds("p", "i-p") && !m.holds("q", "i-q"));
+        m.note_claimant("p", "i-p", Instant::now(), true);
+        m.note_claimant("q", "i-q", Instant::now(), true);
+        assert!(m.holds("p", "i-p") && m.holds("q", "i-q"));
+        // Silent for a full TTL after that: dead again.
+        beats(&mut m, &sent, ttl).await;
+        assert!(!m.holds("p", "i-p") && !m.holds("q", "i-q"));
+        // Its old records replayed (a watch restart) prove nothing.
+        m.note_claimant("p", "i-p", Instant::now(), false);
+        m.note_claimant("q", "i-q", Instant::now(), false);
+        assert!(!m.holds("p", "i-p") && !m.holds("q", "i-q"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,9 +383,7 @@ mod tests {
         m.observe(info("me", "i-me", 1), Instant::now());
         assert!(m.holds("p", "old"), "old incarnation seen 2 s ago");
         assert!(m.holds("p", "new"));
-        tokio::time::advance(Duration::from_secs(3)).await;
-        sent.lock().unwrap().insert(2, Instant::now());
-        m.observe(info("me", "i-me", 2), Instant::now());
+        beats(&mut m, &sent, Duration::from_secs(3)).await;
         assert!(!m.holds("p", "old"), "old incarnation silent for 5 s");
         assert!(m.holds("p", "new"));
         let live = m.live(&info("me", "i-me", 2));

@@ -10,10 +10,12 @@
 //! A write that fails with a backend error (a NATS blip) is retried with
 //! backoff from the last revision this node knows — never turned into a
 //! create. A revision mismatch is checked against the store first: if the
-//! record there is this process's own (a write that landed although its
-//! answer was lost), its revision is adopted and writing goes on; only a
-//! record of someone else fences. Removals (delete, handover) retry the
-//! same way until they land or someone else has written the key.
+//! record there is byte for byte one this writer sent with an unknown
+//! outcome (a write that landed although its answer was lost), its revision
+//! is adopted and writing goes on; any other record fences. Removals
+//! (delete, handover) retry the same way until they land or the key holds
+//! another record — someone else's, or a newer claim of this process, which
+//! a stale removal never touches.
 //!
 //! Writes are pipelined: up to [`MAX_IN_FLIGHT`] keys are written at once,
 //! while operations on one key run strictly in order, one at a time. Writes
@@ -59,7 +61,8 @@ enum Op {
 type Said = (crate::Status, u32, Option<Box<str>>);
 
 enum Done {
-    Wrote(Result<u64, StoreError>, Arc<Slot>),
+    /// An upsert ended; with the value it wrote.
+    Wrote(Result<u64, StoreError>, Arc<Slot>, Bytes),
     /// A removal ended; with the revision and handover record it used.
     Removed(Result<(), StoreError>, u64, Option<Bytes>),
     /// What the store holds after a mismatch, and the operation to go on with.
@@ -85,13 +88,18 @@ struct Writer {
     busy: HashSet<Arc<str>>,
     in_flight: FuturesUnordered<BoxFuture<'static, (Arc<str>, Done)>>,
     flushes: Vec<oneshot::Sender<()>>,
-    /// Consecutive backend failures per key (for the backoff). A key here
-    /// had a write whose outcome is unknown (it may have landed): only then
-    /// may a record of our own found after a mismatch be adopted — else it
-    /// is a newer claim of this process (the coordinator re-claimed the
-    /// key), not a write of ours that lost its answer.
+    /// Consecutive backend failures per key (for the backoff).
     failures: HashMap<Arc<str>, u32>,
+    /// Values this process wrote to a key whose outcome is unknown (the
+    /// answer lost; the write may have landed), since the key's last
+    /// known state. A mismatch's re-read finding one of them is our own
+    /// write; any other record — someone else's, or a newer claim of this
+    /// process — is not, and a stale operation never adopts it.
+    unknown: HashMap<Arc<str>, Vec<Bytes>>,
 }
+
+/// Unknown-outcome values kept per key (the oldest are forgotten).
+const UNKNOWN_KEPT: usize = 8;
 
 impl Writer {
     fn enqueue(&mut self, id: Arc<str>, op: Op) {
@@ -126,10 +134,10 @@ impl Writer {
                     self.in_flight.push(
                         async move {
                             let r = match rev {
-                                None => bucket.create(&key, value).await,
-                                Some(rev) => bucket.update(&key, value, rev).await,
+                                None => bucket.create(&key, value.clone()).await,
+                                Some(rev) => bucket.update(&key, value.clone(), rev).await,
                             };
-                            (key, Done::Wrote(r, slot))
+                            (key, Done::Wrote(r, slot, value))
                         }
                         .boxed(),
                     );
@@ -226,25 +234,25 @@ impl Writer {
         );
     }
 
-    /// Whether a stored record is this process's own.
-    fn ours(&self, value: &[u8]) -> bool {
-        serde_json::from_slice::<StateRecord>(value)
-            .is_ok_and(|r| r.owner == *self.node_id && r.incarnation == *self.incarnation)
-    }
-
     fn done(&mut self, id: Arc<str>, done: Done) {
         self.busy.remove(&id);
         let shared = self.shared.upgrade();
         match done {
-            Done::Wrote(Ok(rev), _) => {
+            Done::Wrote(Ok(rev), _, _) => {
                 self.failures.remove(&id);
+                self.unknown.remove(&id);
                 self.revisions.insert(id.clone(), rev);
             }
-            Done::Wrote(Err(e), slot) => {
+            Done::Wrote(Err(e), slot, value) => {
                 // Rewrite in full next time: what the store says is unknown.
                 self.written.remove(&id);
                 match e {
                     StoreError::Backend(m) => {
+                        let values = self.unknown.entry(id.clone()).or_default();
+                        if values.len() == UNKNOWN_KEPT {
+                            values.remove(0);
+                        }
+                        values.push(value);
                         if let Some(shared) = &shared {
                             shared.report_error(NodeError::Backend(format!(
                                 "writing state of {id}: {m}; retrying"
@@ -259,48 +267,62 @@ impl Writer {
                 }
             }
             Done::Reread(Err(_), op) => return self.retry_later(id, op),
-            Done::Reread(Ok(entry), op) => match (entry, op) {
-                (Some(e), op) if self.failures.contains_key(&id) && self.ours(&e.value) => {
-                    // Our own write landed; its answer was lost. Go on from it.
-                    self.revisions.insert(id.clone(), e.revision);
-                    if let Op::Upsert(slot) = &op {
-                        slot.dirty.store(true, Ordering::Release);
+            Done::Reread(Ok(entry), op) => {
+                let landed = entry.as_ref().is_some_and(|e| {
+                    self.unknown
+                        .get(&id)
+                        .is_some_and(|values| values.contains(&e.value))
+                });
+                match (entry, op) {
+                    (Some(e), op) if landed => {
+                        // Our own write landed; its answer was lost. Go on
+                        // from it (a removal too: it removes that record).
+                        self.revisions.insert(id.clone(), e.revision);
+                        if let Op::Upsert(slot) = &op {
+                            slot.dirty.store(true, Ordering::Release);
+                        }
+                        self.queues.entry(id.clone()).or_default().push_front(op);
                     }
-                    self.queues.entry(id.clone()).or_default().push_front(op);
-                }
-                (found, Op::Upsert(slot)) => {
-                    self.failures.remove(&id);
-                    self.revisions.remove(&id);
-                    if let Some(shared) = &shared {
-                        let who = found
-                            .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
-                            .map_or("deleted".to_string(), |r| {
+                    (found, Op::Upsert(slot)) => {
+                        self.failures.remove(&id);
+                        self.unknown.remove(&id);
+                        self.revisions.remove(&id);
+                        if let Some(shared) = &shared {
+                            let who = found
+                                .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
+                                .map_or("deleted".to_string(), |r| {
+                                    format!(
+                                        "owned by {} now",
+                                        if r.owner.is_empty() {
+                                            "nobody"
+                                        } else {
+                                            &r.owner
+                                        }
+                                    )
+                                });
+                            shared.fence(
+                                &slot,
                                 format!(
-                                    "owned by {} now",
-                                    if r.owner.is_empty() {
-                                        "nobody"
-                                    } else {
-                                        &r.owner
-                                    }
-                                )
-                            });
-                        shared.fence(
-                            &slot,
-                            format!("claim lost: state key was written by someone else ({who})"),
-                        );
+                                    "claim lost: state key was written by someone else ({who})"
+                                ),
+                            );
+                        }
+                    }
+                    // A removal whose key someone else wrote (or deleted),
+                    // that its own handover record now holds, or that this
+                    // process claimed anew: not ours to remove. Done.
+                    _ => {
+                        self.failures.remove(&id);
+                        self.unknown.remove(&id);
                     }
                 }
-                // A removal whose key someone else wrote (or deleted), or
-                // that this process claimed anew: not ours to remove. Done.
-                _ => {
-                    self.failures.remove(&id);
-                }
-            },
+            }
             Done::Retry(op) => {
                 self.queues.entry(id.clone()).or_default().push_front(op);
             }
             Done::Removed(Ok(()), _, _) => {
                 self.failures.remove(&id);
+                self.unknown.remove(&id);
             }
             Done::Removed(Err(e), rev, record) => {
                 let op = match record {
@@ -352,6 +374,7 @@ pub(crate) fn spawn(
         in_flight: FuturesUnordered::new(),
         flushes: Vec::new(),
         failures: HashMap::new(),
+        unknown: HashMap::new(),
     };
     tokio::spawn(async move {
         loop {
@@ -384,4 +407,97 @@ pub(crate) fn spawn(
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{KvChange, KvEntry, MemoryStore, StateStore};
+    use crate::subjects::Subjects;
+    use async_trait::async_trait;
+    use futures::stream::BoxStream;
+
+    /// A bucket whose first delete lands but loses its answer; meanwhile
+    /// this process claims the key anew (as the coordinator does once it
+    /// sees the delete).
+    struct LosesDeleteAnswer {
+        inner: Arc<dyn KvBucket>,
+        reclaim: Bytes,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl KvBucket for LosesDeleteAnswer {
+        async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
+            self.inner.put(key, value).await
+        }
+        async fn create(&self, key: &str, value: Bytes) -> Result<u64, StoreError> {
+            self.inner.create(key, value).await
+        }
+        async fn update(&self, key: &str, value: Bytes, rev: u64) -> Result<u64, StoreError> {
+            self.inner.update(key, value, rev).await
+        }
+        async fn delete(&self, key: &str, expected: Option<u64>) -> Result<(), StoreError> {
+            self.inner.delete(key, expected).await?;
+            if !self.lost.swap(true, Ordering::SeqCst) {
+                self.inner.create(key, self.reclaim.clone()).await?;
+                return Err(StoreError::Backend("answer lost".into()));
+            }
+            Ok(())
+        }
+        async fn watch(&self) -> Result<BoxStream<'static, KvChange>, StoreError> {
+            self.inner.watch().await
+        }
+        fn settings(&self) -> Option<crate::store::BucketSpec> {
+            self.inner.settings()
+        }
+    }
+
+    fn record(status: crate::Status) -> Bytes {
+        let rec = StateRecord {
+            owner: "n".into(),
+            incarnation: "i".into(),
+            kind: "sim".into(),
+            status,
+            since: std::time::SystemTime::now(),
+            reason: None,
+            restarts: 0,
+            avoid: vec![],
+            moves: 0,
+        };
+        Bytes::from(serde_json::to_vec(&rec).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_release_never_removes_a_newer_claim_of_this_process() {
+        let store = MemoryStore::new();
+        let inner = store
+            .bucket(&Subjects::default().state_bucket_spec())
+            .await
+            .unwrap();
+        let first = inner
+            .create("w", record(crate::Status::Running))
+            .await
+            .unwrap();
+        let bucket = Arc::new(LosesDeleteAnswer {
+            inner: inner.clone(),
+            reclaim: record(crate::Status::Initializing),
+            lost: Default::default(),
+        });
+        let tx = spawn(Weak::new(), bucket, "n".into(), "i".into());
+        tx.send(WriteCmd::Adopt("w".into(), first)).unwrap();
+        // The release: its delete lands, the answer is lost, and the
+        // process claims the key again before the retry.
+        tx.send(WriteCmd::Remove("w".into())).unwrap();
+        let (done, flushed) = oneshot::channel();
+        tx.send(WriteCmd::Flush(done)).unwrap();
+        flushed.await.unwrap();
+        let now = inner.get("w").await.unwrap().expect("the new claim stands");
+        let rec: StateRecord = serde_json::from_slice(&now.value).unwrap();
+        assert_eq!(rec.status, crate::Status::Initializing);
+        assert!(now.revision > first);
+    }
 }
