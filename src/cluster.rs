@@ -325,7 +325,8 @@ impl Cluster {
             )
             .instrument(span.clone()),
         );
-        let mut members = Members::new(&me, &incarnation, cfg.node_ttl, sent_beats, Instant::now());
+        let mut members = Members::new(&me, &incarnation, cfg.node_ttl, sent_beats, Instant::now())
+            .with_heartbeat(cfg.heartbeat);
         if let Some((inc, at)) = predecessor {
             members.predecessor(&inc, at);
         }
@@ -1109,6 +1110,9 @@ impl Coordinator {
                         tracing::info!("reconnected to the store: resyncing every watch");
                         connects = now_connects;
                         inputs = self.watches();
+                        // Nothing decided on the old view until the replays end.
+                        self.synced = [false; 3];
+                        self.members.watch_restarted(Instant::now());
                     }
                 }
                 _ = tokio::time::sleep_until(probe.unwrap_or_else(Instant::now)), if probe.is_some() => {

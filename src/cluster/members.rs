@@ -15,11 +15,13 @@
 //!   a node renews a lease only from an unbroken one (else it fences first).
 //! - a restarted watch (reconnect, resync) may have missed anything:
 //!   observation starts again from then. So may a watch that delivered
-//!   nothing of ours for longer than half the TTL (held up, or our writes
-//!   failing, or we were cut off): entries expire (a server clock running
-//!   fast expires them early), and a held-up watcher never sees those that
+//!   nothing of ours for longer than half the TTL, or two heartbeats if
+//!   that is longer (held up, our writes failing, we were cut off, or our
+//!   coordinator stalled): entries expire (a server clock running fast
+//!   expires them early), and a held-up watcher never sees those that
 //!   expired meanwhile. Assumed: the server keeps an entry at least half
-//!   the TTL.
+//!   the TTL. The cost is liveness only: after such a hole, a full TTL of
+//!   fresh observation before anyone is found dead.
 //! - a peer that left cleanly (`left: true`, nothing held) is dead at once.
 //! - every state record a peer writes (a claim, a status) is proof of life
 //!   too, as of its delivery: a peer cut off past its TTL fences everything
@@ -69,6 +71,9 @@ pub(crate) struct Members {
     claimants: HashMap<String, Instant>,
     watch_since: Instant,
     current_as_of: Option<Instant>,
+    /// Longer than this between two sightings of our own beats is a hole
+    /// in our view (see [`Members::observe`]).
+    hole: Duration,
     sent: SentBeats,
 }
 
@@ -89,8 +94,18 @@ impl Members {
             claimants: HashMap::new(),
             watch_since: now,
             current_as_of: None,
+            hole: ttl / 2,
             sent,
         }
+    }
+
+    /// Our heartbeat interval: a hole is a gap longer than half the TTL,
+    /// or than two heartbeats if that is longer (with a heartbeat of half
+    /// the TTL, every normal gap would otherwise count as one and nobody
+    /// would ever be found dead).
+    pub(crate) fn with_heartbeat(mut self, heartbeat: Duration) -> Members {
+        self.hole = (self.ttl / 2).max(heartbeat * 2);
+        self
     }
 
     /// A predecessor under our id, seen at `at` (before we took the id over).
@@ -161,7 +176,7 @@ impl Members {
             if let Some(at) = sent.get(&info.beat).copied() {
                 if self
                     .current_as_of
-                    .is_some_and(|c| now.saturating_duration_since(c) > self.ttl / 2)
+                    .is_some_and(|c| now.saturating_duration_since(c) > self.hole)
                 {
                     // A hole: since the last beat of ours we saw, long
                     // enough passed (our watch held up, our writes failing,

@@ -98,8 +98,9 @@ struct Writer {
     unknown: HashMap<Arc<str>, Vec<Bytes>>,
 }
 
-/// Unknown-outcome values kept per key (the oldest are forgotten).
-const UNKNOWN_KEPT: usize = 8;
+/// Distinct unknown-outcome values kept per key (the oldest are
+/// forgotten: a status that flaps through a long outage).
+const UNKNOWN_KEPT: usize = 16;
 
 impl Writer {
     fn enqueue(&mut self, id: Arc<str>, op: Op) {
@@ -248,11 +249,15 @@ impl Writer {
                 self.written.remove(&id);
                 match e {
                     StoreError::Backend(m) => {
+                        // Every retry CASes from the same revision, so at
+                        // most one of these values landed, any of them.
                         let values = self.unknown.entry(id.clone()).or_default();
-                        if values.len() == UNKNOWN_KEPT {
-                            values.remove(0);
+                        if !values.contains(&value) {
+                            if values.len() == UNKNOWN_KEPT {
+                                values.remove(0);
+                            }
+                            values.push(value);
                         }
-                        values.push(value);
                         if let Some(shared) = &shared {
                             shared.report_error(NodeError::Backend(format!(
                                 "writing state of {id}: {m}; retrying"
@@ -314,6 +319,7 @@ impl Writer {
                     _ => {
                         self.failures.remove(&id);
                         self.unknown.remove(&id);
+                        self.revisions.remove(&id);
                     }
                 }
             }
