@@ -70,7 +70,9 @@ async fn node(n: usize) -> (Node, Arc<Log>, SystemTime, Instant) {
     let (wall, at) = (SystemTime::now(), Instant::now());
     let node = Node::builder()
         .kind(RecKind(log.clone()))
-        .schedule_clock(ScheduleClock::Tokio)
+        // The node's wall clock from the same origin as the due times
+        // below (starting it takes real time on a busy machine).
+        .schedule_clock(ScheduleClock::TokioFrom { wall, at })
         .start()
         .await
         .unwrap();

@@ -41,6 +41,15 @@ pub enum ScheduleClock {
     /// Wall time derived from tokio's clock at start: a paused tokio clock
     /// (tests) drives the schedules too.
     Tokio,
+    /// Like [`ScheduleClock::Tokio`], with the origin given: wall time
+    /// `wall` at tokio instant `at` (a test computes due times from the
+    /// same origin as the node, whatever real time starting it takes).
+    TokioFrom {
+        /// The wall time at `at`.
+        wall: SystemTime,
+        /// The tokio instant of `wall`.
+        at: Instant,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +66,7 @@ impl Clock {
                 wall: SystemTime::now(),
                 at: Instant::now(),
             },
+            ScheduleClock::TokioFrom { wall, at } => Clock::Tokio { wall, at },
         }
     }
 
