@@ -1293,11 +1293,8 @@ impl Coordinator {
                 }
             }
             Input::State(Some(KvChange::Put(e))) => {
-                if self
-                    .claims
-                    .get(&e.key)
-                    .is_some_and(|c| c.revision > e.revision)
-                {
+                let known = self.claims.get(&e.key).map(|c| c.revision);
+                if known.is_some_and(|r| r > e.revision) {
                     return; // older than what we know
                 }
                 let (owner, incarnation, avoid, moves) =
@@ -1311,11 +1308,7 @@ impl Coordinator {
                 // replayed after every watch restart, must not keep it
                 // alive; nor do the records found at start (what they say
                 // of their writers' liveness, the membership watch tells).
-                let live_write = self.state_known
-                    && self
-                        .claims
-                        .get(&e.key)
-                        .is_none_or(|c| c.revision < e.revision);
+                let live_write = self.state_known && known.is_none_or(|r| r < e.revision);
                 self.members
                     .note_claimant(&owner, &incarnation, Instant::now(), live_write);
                 if self

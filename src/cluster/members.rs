@@ -23,8 +23,9 @@
 //!   the TTL. The cost is liveness only: after such a hole, a full TTL of
 //!   fresh observation before anyone is found dead.
 //! - a peer that left cleanly (`left: true`, nothing held) is dead at once.
-//! - every state record a peer writes (a claim, a status) is proof of life
-//!   too, as of its delivery: a peer cut off past its TTL fences everything
+//! - every state record a peer writes while we watch (a claim, a status;
+//!   delivered live, not replayed) is proof of life too, as of its
+//!   delivery: a peer cut off past its TTL fences everything
 //!   and may come back **under the same incarnation**, and a watcher whose
 //!   membership view has a hole must not go on judging it dead while its
 //!   new claims arrive ([`Members::note_claimant`]).

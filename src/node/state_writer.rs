@@ -272,57 +272,53 @@ impl Writer {
                 }
             }
             Done::Reread(Err(_), op) => return self.retry_later(id, op),
-            Done::Reread(Ok(entry), op) => {
-                let landed = entry.as_ref().is_some_and(|e| {
-                    self.unknown
+            Done::Reread(Ok(entry), op) => match (entry, op) {
+                (Some(e), op)
+                    if self
+                        .unknown
                         .get(&id)
-                        .is_some_and(|values| values.contains(&e.value))
-                });
-                match (entry, op) {
-                    (Some(e), op) if landed => {
-                        // Our own write landed; its answer was lost. Go on
-                        // from it (a removal too: it removes that record).
-                        self.revisions.insert(id.clone(), e.revision);
-                        if let Op::Upsert(slot) = &op {
-                            slot.dirty.store(true, Ordering::Release);
-                        }
-                        self.queues.entry(id.clone()).or_default().push_front(op);
+                        .is_some_and(|values| values.contains(&e.value)) =>
+                {
+                    // Our own write landed; its answer was lost. Go on from
+                    // it (a removal too: it removes that record).
+                    self.revisions.insert(id.clone(), e.revision);
+                    if let Op::Upsert(slot) = &op {
+                        slot.dirty.store(true, Ordering::Release);
                     }
-                    (found, Op::Upsert(slot)) => {
-                        self.failures.remove(&id);
-                        self.unknown.remove(&id);
-                        self.revisions.remove(&id);
-                        if let Some(shared) = &shared {
-                            let who = found
-                                .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
-                                .map_or("deleted".to_string(), |r| {
-                                    format!(
-                                        "owned by {} now",
-                                        if r.owner.is_empty() {
-                                            "nobody"
-                                        } else {
-                                            &r.owner
-                                        }
-                                    )
-                                });
-                            shared.fence(
-                                &slot,
+                    self.queues.entry(id.clone()).or_default().push_front(op);
+                }
+                (found, Op::Upsert(slot)) => {
+                    self.failures.remove(&id);
+                    self.unknown.remove(&id);
+                    self.revisions.remove(&id);
+                    if let Some(shared) = &shared {
+                        let who = found
+                            .and_then(|e| serde_json::from_slice::<StateRecord>(&e.value).ok())
+                            .map_or("deleted".to_string(), |r| {
                                 format!(
-                                    "claim lost: state key was written by someone else ({who})"
-                                ),
-                            );
-                        }
-                    }
-                    // A removal whose key someone else wrote (or deleted),
-                    // that its own handover record now holds, or that this
-                    // process claimed anew: not ours to remove. Done.
-                    _ => {
-                        self.failures.remove(&id);
-                        self.unknown.remove(&id);
-                        self.revisions.remove(&id);
+                                    "owned by {} now",
+                                    if r.owner.is_empty() {
+                                        "nobody"
+                                    } else {
+                                        &r.owner
+                                    }
+                                )
+                            });
+                        shared.fence(
+                            &slot,
+                            format!("claim lost: state key was written by someone else ({who})"),
+                        );
                     }
                 }
-            }
+                // A removal whose key someone else wrote (or deleted), that
+                // its own handover record now holds, or that this process
+                // claimed anew: not ours to remove. Done.
+                _ => {
+                    self.failures.remove(&id);
+                    self.unknown.remove(&id);
+                    self.revisions.remove(&id);
+                }
+            },
             Done::Retry(op) => {
                 self.queues.entry(id.clone()).or_default().push_front(op);
             }

@@ -1143,37 +1143,33 @@ async fn fanout(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
                     }
                 }
                 if ok != n || !complete {
-                    // Every workload answered, but not all with success: a
-                    // measurement still, and what failed is shown (a task
-                    // refused while its workload moved is an honest answer).
-                    let sample: Vec<String> = failed
-                        .iter()
-                        .take(5)
-                        .map(|r| {
-                            format!(
-                                "{} on {}: {:?} {}",
-                                r.workload,
-                                r.worker_id,
-                                r.error_code,
-                                r.error.as_deref().unwrap_or("")
-                            )
-                        })
-                        .collect();
-                    let owners = w.with(|v| {
-                        failed
+                    let (sample, moves) = w.with(|v| {
+                        let sample: Vec<String> = failed
                             .iter()
                             .take(5)
-                            .map(|r| format!("{}={:?}", r.workload, v.state.get(&r.workload)))
-                            .collect::<Vec<_>>()
+                            .map(|r| {
+                                format!(
+                                    "{} on {}: {:?} {} (state now: {:?})",
+                                    r.workload,
+                                    r.worker_id,
+                                    r.error_code,
+                                    r.error.as_deref().unwrap_or(""),
+                                    v.state.get(&r.workload)
+                                )
+                            })
+                            .collect();
+                        (sample, v.moves)
                     });
                     let what = format!(
-                        "fan-out: {ok} of {n} succeeded (complete: {complete}); failed: {sample:?}; \
-                         state now: {owners:?}; owner changes seen: {}",
-                        w.with(|v| v.moves)
+                        "fan-out: {ok} of {n} succeeded (complete: {complete}); \
+                         failed: {sample:?}; owner changes seen: {moves}"
                     );
                     if !complete || ok + failed.len() != n {
                         anyhow::bail!(what);
                     }
+                    // Every workload answered, some with an error (say, a
+                    // task refused while its workload moved): a measurement
+                    // still, with what failed shown.
                     progress(&what);
                     failures += failed.len();
                 }
