@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use support::fleet::{
-    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet, traced_fleet_with,
+    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet, traced_fleet_via,
+    traced_fleet_with, TTL,
 };
+use support::proxy::StallProxy;
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
 
 /// Sends a task over plain NATS and returns the reply (or why there was none).
@@ -200,50 +202,7 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     let b = &fleet.nodes[1];
     let on_b: Vec<String> = fleet.owned_by("b");
     assert!(!on_b.is_empty());
-
-    // Continuous requests to b's workloads from before the freeze to well
-    // after the resume, every reply collected — late ones too (a reply to a
-    // request its sender gave up on is still a reply from a node that
-    // thought it could answer).
-    let replies: Arc<Mutex<Vec<(Instant, String, Value)>>> = Arc::default();
-    let mut inbox = op.client.subscribe("_INBOX_TEST.>").await.unwrap();
-    let collector = {
-        let replies = replies.clone();
-        tokio::spawn(async move {
-            while let Some(m) = futures::StreamExt::next(&mut inbox).await {
-                let id = m
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                if m.payload.is_empty() {
-                    continue; // "no responders" status, not a node's reply
-                }
-                let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-                replies.lock().unwrap().push((Instant::now(), id, v));
-            }
-        })
-    };
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sender = {
-        let (client, ids, stop) = (op.client.clone(), on_b.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for id in &ids {
-                    n += 1;
-                    let body = Bytes::from_static(br#"{"command":"hello"}"#);
-                    let reply = format!("_INBOX_TEST.{n}.{id}");
-                    let _ = client
-                        .publish_with_reply(format!("otto.task.write.{id}"), reply, body)
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let requests = ContinuousRequests::start(&op, &on_b).await;
 
     op.gone.lock().unwrap().insert("b".into());
     let paused = Instant::now();
@@ -255,20 +214,148 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     signal(b.pid(), "CONT");
     // Requests keep flowing while b wakes up, fences and rejoins.
     settle(&op, &fleet.ids, Duration::from_secs(3), 60).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    sender.await.unwrap();
-    // (b's backlog of requests from the freeze was handled long before the
-    // placement settled for 3 s: late replies are in.)
-    collector.abort();
-    let replies = replies.lock().unwrap();
+    let replies = requests.finish().await;
+    assert_every_reply_is_the_owners(&op, &replies, on_b.len(), paused, "b");
+    assert_single_drivers(&fleet.trace, &fleet.died);
+}
+
+/// The same as a frozen process, with the process running: b's connection to
+/// NATS stalls (no byte moves either way, the connection stays open) until
+/// b's lease has run out, then delivers everything that waited. b wakes to a
+/// backlog of requests while its lease is gone but before its heartbeat has
+/// given up and fenced: it must not answer them (not even `unavailable`),
+/// since the workloads may be someone else's by now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connection_stalls_past_its_lease_stays_silent_when_it_resumes() {
+    support::init_logs();
+    let server = NatsServer::start();
+    let proxy = StallProxy::start(&server.url).await;
+    let op = Operator::connect(&server.url, 1).await;
+    let urls = [server.url.as_str(), proxy.url.as_str(), server.url.as_str()];
+    let fleet = traced_fleet_via(&op, urls, "s", 30, &[], 60, json!({})).await;
+    let on_b: Vec<String> = fleet.owned_by("b");
+    assert!(!on_b.is_empty());
+    let requests = ContinuousRequests::start(&op, &on_b).await;
+
+    // Stall right after one of b's heartbeats has landed: b's lease then
+    // runs until TTL - margin (4 s) from now at most, and its next heartbeat
+    // (about 1 s from now) waits up to a TTL for its answer.
+    let beat = next_heartbeat(&op, "b").await;
+    proxy.stall();
+    op.gone.lock().unwrap().insert("b".into());
+    let paused = Instant::now();
+    eprintln!(
+        "stalled b's connection {:?} after its heartbeat",
+        beat.elapsed()
+    );
+    // The fault's length (not a wait for convergence): past b's lease,
+    // before its pending heartbeat can time out and fence. b wakes to the
+    // requests of the stall with its lease gone and its workloads not yet
+    // fenced (then fences them when the heartbeat's answer arrives).
+    tokio::time::sleep_until((beat + TTL - Duration::from_millis(400)).into()).await;
+    proxy.resume();
+    eprintln!("resumed b's connection after {:?}", paused.elapsed());
+    settle(&op, &fleet.ids, Duration::from_secs(3), 60).await;
+    let replies = requests.finish().await;
+    assert_every_reply_is_the_owners(&op, &replies, on_b.len(), paused, "b");
+    assert_single_drivers(&fleet.trace, &fleet.died);
+}
+
+/// Requests sent to some workloads every 50 ms over plain NATS, each with its
+/// own reply subject, and every reply collected — late ones too (a reply to
+/// a request its sender gave up on is still a reply from a node that thought
+/// it could answer).
+struct ContinuousRequests {
+    replies: Arc<Mutex<Vec<(Instant, String, Value)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sender: tokio::task::JoinHandle<()>,
+    collector: tokio::task::JoinHandle<()>,
+}
+
+impl ContinuousRequests {
+    async fn start(op: &Operator, ids: &[String]) -> ContinuousRequests {
+        let replies: Arc<Mutex<Vec<(Instant, String, Value)>>> = Arc::default();
+        let mut inbox = op.client.subscribe("_INBOX_TEST.>").await.unwrap();
+        op.client.flush().await.unwrap();
+        let collector = {
+            let replies = replies.clone();
+            tokio::spawn(async move {
+                while let Some(m) = futures::StreamExt::next(&mut inbox).await {
+                    let id = m
+                        .subject
+                        .as_str()
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    if m.payload.is_empty() {
+                        continue; // "no responders" status, not a node's reply
+                    }
+                    let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                    replies.lock().unwrap().push((Instant::now(), id, v));
+                }
+            })
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let (client, ids, stop) = (op.client.clone(), ids.to_vec(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for id in &ids {
+                        n += 1;
+                        let body = Bytes::from_static(br#"{"command":"hello"}"#);
+                        let reply = format!("_INBOX_TEST.{n}.{id}");
+                        let _ = client
+                            .publish_with_reply(format!("otto.task.write.{id}"), reply, body)
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        ContinuousRequests {
+            replies,
+            stop,
+            sender,
+            collector,
+        }
+    }
+
+    /// Stops sending; every reply received, with when and for which workload.
+    /// (Called once the placement has settled for seconds: a backlog of
+    /// requests from a fault was handled long before, so late replies are in.)
+    async fn finish(self) -> Vec<(Instant, String, Value)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sender.await.unwrap();
+        self.collector.abort();
+        let replies = self.replies.lock().unwrap();
+        replies.clone()
+    }
+}
+
+/// Every reply came from the workload's owner at that moment (as the
+/// watcher saw it, give or take its lag), and none says the node answering
+/// had lost its lease: a node that is not sure it owns a workload stays
+/// silent. `resumed`, the node the fault hit, never answers `unavailable`:
+/// its workloads never moved off it by a handover (which may answer so),
+/// so such an answer could only come from it while it was not sure
+/// (lease lost, or fencing). `fault`: when the fault began (for the summary).
+fn assert_every_reply_is_the_owners(
+    op: &Operator,
+    replies: &[(Instant, String, Value)],
+    workloads: usize,
+    fault: Instant,
+    resumed: &str,
+) {
     assert!(
-        replies.len() > on_b.len() * 5,
+        replies.len() > workloads * 5,
         "too few replies: {}",
         replies.len()
     );
     let mut by: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for (at, _, v) in replies.iter() {
-        let phase = if *at < paused { "before" } else { "after" };
+    for (at, _, v) in replies {
+        let phase = if *at < fault { "before" } else { "after" };
         let key = (
             format!("{phase} {}", v["workerId"].as_str().unwrap_or("")),
             v["errorCode"].as_str().unwrap_or("ok").to_string(),
@@ -277,10 +364,15 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     }
     eprintln!("replies by node and outcome: {by:?}");
     let mut wrong = Vec::new();
-    for (at, id, v) in replies.iter() {
+    for (at, id, v) in replies {
         let from = v["workerId"].as_str().unwrap_or("");
-        // The owner at that moment (the watcher's view may lag a few ms).
-        if !op.owned_around(id, from, *at, Duration::from_millis(300)) {
+        if v["error"].as_str().unwrap_or("").contains("lease") {
+            wrong.push(format!("{id}: {from} answered after losing its lease: {v}"));
+        } else if from == resumed && v["errorCode"] == "unavailable" {
+            wrong.push(format!(
+                "{id}: {from} answered while not sure it owned it: {v}"
+            ));
+        } else if !op.owned_around(id, from, *at, Duration::from_millis(300)) {
             wrong.push(format!("{id}: answered by {from}, not its owner: {v}"));
         }
     }
@@ -291,7 +383,28 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
         &wrong[..wrong.len().min(3)]
     );
     op.assert_no_double_owner();
-    assert_single_drivers(&fleet.trace, &fleet.died);
+}
+
+/// Waits for the next heartbeat of node `id` to land in the nodes bucket; when it was seen.
+async fn next_heartbeat(op: &Operator, id: &str) -> Instant {
+    let js = async_nats::jetstream::new(op.client.clone());
+    let nodes = js.get_key_value("otto_nodes").await.unwrap();
+    let mut watch = nodes.watch(id).await.unwrap();
+    // The watch first delivers the entry as it is: skip it, wait for a new one.
+    let first = futures::StreamExt::next(&mut watch).await.unwrap().unwrap();
+    loop {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut watch),
+        )
+        .await
+        .expect("a heartbeat within 10 s")
+        .unwrap()
+        .unwrap();
+        if e.revision > first.revision {
+            return Instant::now();
+        }
+    }
 }
 
 /// Waits for a process to exit (polling, to a deadline); its exit code.

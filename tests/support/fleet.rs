@@ -198,13 +198,28 @@ pub async fn traced_fleet_with(
     secs: u64,
     config: Value,
 ) -> Fleet {
+    traced_fleet_via(op, [urls; 3], prefix, n, extra, secs, config).await
+}
+
+/// [`traced_fleet`] whose nodes a, b and c each connect to their own URL
+/// (e.g. one through a [`super::proxy::StallProxy`]).
+pub async fn traced_fleet_via(
+    op: &Operator,
+    urls: [&str; 3],
+    prefix: &str,
+    n: usize,
+    extra: &[&str],
+    secs: u64,
+    config: Value,
+) -> Fleet {
     let logs = TempDir::new("logs");
     let trace = logs.0.join("trace.log");
     let ids = ids(prefix, n);
     add_traced_with(op, &ids, &trace, config, json!({})).await;
     let nodes: Vec<NodeProc> = ["a", "b", "c"]
         .iter()
-        .map(|name| NodeProc::start(urls, name, &logs.0, extra))
+        .zip(urls)
+        .map(|(name, urls)| NodeProc::start(urls, name, &logs.0, extra))
         .collect();
     let owners = settle(op, &ids, Duration::from_secs(2), secs).await;
     Fleet {

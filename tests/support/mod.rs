@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod peers;
+pub mod proxy;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
