@@ -353,6 +353,8 @@ impl Cluster {
             live,
             specs: HashMap::default(),
             claims: HashMap::default(),
+            open: HashSet::default(),
+            open_stale: true,
             assignment: placement::Assignment::default(),
             view_gen: 1,
             assignment_gen: 0,
@@ -922,6 +924,14 @@ struct Coordinator {
     live: BTreeMap<String, NodeInfo>,
     specs: HashMap<String, SpecEntry>,
     claims: HashMap<String, Claim>,
+    /// The specs a reconcile looks at: all but those held by another holder
+    /// not known dead (those wait for a handover, whatever placement says).
+    /// Kept by [`Coordinator::touch`] on every spec and claim change, and
+    /// rebuilt when a holder's liveness changes, so a reconcile of a settled
+    /// fleet walks what is ours or in flux, not every spec.
+    open: HashSet<String>,
+    /// `open` must be rebuilt before it is used (specs forgotten in bulk).
+    open_stale: bool,
     /// Where placement puts each workload, for view `assignment_gen`.
     assignment: placement::Assignment,
     /// Bumped whenever an input of placement changes.
@@ -993,12 +1003,17 @@ impl Holders {
         h
     }
 
-    fn refresh(&mut self, members: &Members) {
-        self.live = self
+    /// Re-judges every holder; whether any verdict changed (or holders
+    /// were added since the last refresh).
+    fn refresh(&mut self, members: &Members) -> bool {
+        let live: Vec<bool> = self
             .pairs
             .iter()
             .map(|(o, i)| members.holds(o, i))
             .collect();
+        let changed = live != self.live;
+        self.live = live;
+        changed
     }
 
     fn live(&self, h: u32) -> bool {
@@ -1165,6 +1180,38 @@ impl Coordinator {
         Some(c.holder) == self.holders.me
     }
 
+    /// Whether another holder, not known dead, holds `id`'s claim.
+    fn held_elsewhere(&self, id: &str) -> bool {
+        self.claims
+            .get(id)
+            .is_some_and(|c| !self.mine(c) && self.holders.live(c.holder))
+    }
+
+    /// Puts `id` in or out of `open` after its spec or claim changed.
+    fn touch(&mut self, id: &str) {
+        if self.specs.contains_key(id) && !self.held_elsewhere(id) {
+            if !self.open.contains(id) {
+                self.open.insert(id.to_string());
+            }
+        } else {
+            self.open.remove(id);
+            self.unclaimed_since.remove(id); // held: not stranded
+        }
+    }
+
+    /// Recomputes `open` from every spec (holders' liveness changed).
+    fn rebuild_open(&mut self) {
+        let open: HashSet<String> = self
+            .specs
+            .keys()
+            .filter(|id| !self.held_elsewhere(id))
+            .cloned()
+            .collect();
+        self.unclaimed_since.retain(|id, _| open.contains(id));
+        self.open = open;
+        self.open_stale = false;
+    }
+
     fn apply(&mut self, input: Input) {
         let (which, change) = match input {
             Input::Spec(c) => (0, c),
@@ -1218,6 +1265,7 @@ impl Coordinator {
                 self.specs.retain(|k, _| seen.contains(k));
                 if self.specs.len() != before {
                     self.view_gen += 1;
+                    self.open_stale = true;
                 }
             }
             1 => {
@@ -1252,16 +1300,18 @@ impl Coordinator {
                     tracing::warn!(workload = %e.key, %reason, "unusable spec");
                 }
                 self.specs.insert(
-                    e.key,
+                    e.key.clone(),
                     SpecEntry {
                         revision: e.revision,
                         spec,
                     },
                 );
+                self.touch(&e.key);
                 self.view_gen += 1;
             }
             Input::Spec(Some(KvChange::Delete { key, .. })) => {
                 self.specs.remove(&key);
+                self.touch(&key);
                 self.view_gen += 1;
             }
             Input::Node(Some(KvChange::Put(e))) => {
@@ -1330,7 +1380,7 @@ impl Coordinator {
                 }
                 let holder = self.holders.id(&owner, &incarnation);
                 self.claims.insert(
-                    e.key,
+                    e.key.clone(),
                     Claim {
                         owner,
                         holder,
@@ -1339,12 +1389,14 @@ impl Coordinator {
                         moves,
                     },
                 );
+                self.touch(&e.key);
             }
             Input::State(Some(KvChange::Delete { key, revision })) => {
                 if self.claims.get(&key).is_some_and(|c| c.revision > revision) {
                     return;
                 }
                 self.claims.remove(&key);
+                self.touch(&key);
                 self.releasing.remove(&key);
                 // Our own delete comes only after the workload left the
                 // node (`finish_removal`): one still here lost its key to
@@ -1384,7 +1436,9 @@ impl Coordinator {
             self.view_gen += 1;
         }
         self.live = live;
-        self.holders.refresh(&self.members);
+        if self.holders.refresh(&self.members) || self.open_stale {
+            self.rebuild_open();
+        }
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
             let claims = &self.claims;
@@ -1503,21 +1557,16 @@ impl Coordinator {
             .cfg
             .claim_concurrency
             .saturating_sub(self.pending.len());
-        for (id, entry) in &self.specs {
+        // Not every spec: those held by another live holder (most, most of
+        // the time) are not in `open`. Nothing to do for them but wait (for
+        // a handover, if placement moved one to us).
+        for id in &self.open {
             if to_claim.len() >= room {
                 break; // the rest after some claims complete
             }
-            // Fast path, most specs most of the time: held by another live
-            // node. Nothing to do but wait (for a handover, if placement
-            // moved it to us) — the same outcome as the full checks below.
-            if self
-                .claims
-                .get(id)
-                .is_some_and(|c| !self.mine(c) && self.holders.live(c.holder))
-            {
-                self.unclaimed_since.remove(id);
-                continue;
-            }
+            let Some(entry) = self.specs.get(id) else {
+                continue; // (never: `touch` keeps `open` within the specs)
+            };
             if self.pending.contains(id) || local.contains(id) || self.releasing.contains_key(id) {
                 // Held (or changing hands through us): not stranded.
                 self.unclaimed_since.remove(id);
@@ -1800,7 +1849,7 @@ impl Coordinator {
         }
         if r.unplaceable {
             self.claims.insert(
-                r.id,
+                r.id.clone(),
                 Claim {
                     owner: String::new(),
                     holder: self.holders.id("", ""),
@@ -1809,6 +1858,7 @@ impl Coordinator {
                     moves: r.moves,
                 },
             );
+            self.touch(&r.id);
             return;
         }
         self.claims.insert(
@@ -1821,6 +1871,7 @@ impl Coordinator {
                 moves: r.moves,
             },
         );
+        self.touch(&r.id);
         if !self.node.lease_valid() {
             // Won the key but may not touch devices now: give it back.
             self.spawn_release_key(r.id, revision);

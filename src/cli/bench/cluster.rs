@@ -800,6 +800,119 @@ async fn raw_creates(js: &jetstream::Context, bucket: &str, n: usize) -> anyhow:
     Ok(took)
 }
 
+/// How the plain claimers of [`claims_floor`] lay out their records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FloorDesign {
+    /// Today's: claim and status records in one bucket, every node watches it.
+    Present,
+    /// Claims in a bucket of their own that the nodes watch; status records
+    /// in another that only operators watch.
+    Split,
+}
+
+/// The NATS work of a claim wave with no node logic at all — the floor under
+/// `claims` on this machine: `n` specs created (256 in flight) into a bucket
+/// three plain claimers watch; each claims its third of them (a hash of the
+/// key) with a create and then writes a `running` record (1024 in flight
+/// per claimer), and an operator's watch counts `running` records. Every
+/// claimer is its own NATS connection; nothing is parsed. Returns the time
+/// from the first spec write to the last `running` record seen, and the
+/// server's CPU.
+async fn claims_floor(
+    nats: &Nats,
+    n: usize,
+    design: FloorDesign,
+) -> anyhow::Result<(Duration, f64)> {
+    let js = jetstream::new(async_nats::connect(&nats.url).await?);
+    let names: &[&str] = match design {
+        FloorDesign::Present => &["floor_specs", "floor_state"],
+        FloorDesign::Split => &["floor_specs", "floor_claims", "floor_status"],
+    };
+    for b in names {
+        let _ = js.delete_key_value(*b).await;
+        js.create_key_value(kv::Config {
+            bucket: b.to_string(),
+            history: 1,
+            ..Default::default()
+        })
+        .await?;
+    }
+    let claims_bucket = names[1];
+    let status_bucket = names[names.len() - 1];
+    let server0 = cpu_of(nats.child.id());
+    // The operator's watch, started before anything is written.
+    let status = js.get_key_value(status_bucket).await?;
+    let mut seen = status.watch_all().await?;
+    let counted = tokio::spawn(async move {
+        let mut running = 0;
+        while let Some(Ok(e)) = seen.next().await {
+            if e.operation == kv::Operation::Put && e.value.ends_with(b"running\"}") {
+                running += 1;
+                if running == n {
+                    return Instant::now();
+                }
+            }
+        }
+        Instant::now()
+    });
+    let mut claimers = Vec::new();
+    for me in 0..3u64 {
+        let js = jetstream::new(async_nats::connect(&nats.url).await?);
+        let specs = js.get_key_value("floor_specs").await?;
+        let claims = js.get_key_value(claims_bucket).await?;
+        let status = js.get_key_value(status_bucket).await?;
+        let spec_watch = specs.watch_all().await?;
+        let mut claim_watch = claims.watch_all().await?;
+        claimers.push(tokio::spawn(async move {
+            // Every node sees every claim (and, in the present design, every status write).
+            tokio::spawn(async move { while claim_watch.next().await.is_some() {} });
+            let claiming = spec_watch
+                .filter_map(|e| {
+                    let key = e.ok().map(|e| e.key);
+                    futures::future::ready(
+                        key.filter(|k| crate::cluster::placement::stable_hash("", k) % 3 == me),
+                    )
+                })
+                .map(|key| {
+                    let (claims, status) = (claims.clone(), status.clone());
+                    async move {
+                        let init = Bytes::from(format!(
+                            r#"{{"owner":"node-{me}","kind":"sim","status":"initializing"}}"#
+                        ));
+                        let running = Bytes::from(format!(
+                            r#"{{"owner":"node-{me}","kind":"sim","status":"running"}}"#
+                        ));
+                        if claims.create(&key, init).await.is_ok() {
+                            let _ = status.put(&key, running).await;
+                        }
+                    }
+                })
+                .buffer_unordered(1024);
+            claiming.for_each(|_| async {}).await;
+        }));
+    }
+    let specs = js.get_key_value("floor_specs").await?;
+    let spec = Bytes::from_static(br#"{"kind":"sim","config":{}}"#);
+    let t0 = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (specs, spec) = (specs.clone(), spec.clone());
+            async move { specs.create(format!("dev-{i}"), spec).await.is_err() }
+        })
+        .buffer_unordered(256)
+        .for_each(|_| async {})
+        .await;
+    let done = tokio::time::timeout(Duration::from_secs(600), counted).await??;
+    for c in claimers {
+        c.abort();
+    }
+    let server = cpu_of(nats.child.id()) - server0;
+    for b in names {
+        let _ = js.delete_key_value(*b).await;
+    }
+    Ok((done - t0, server))
+}
+
 async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
     let js = jetstream::new(async_nats::connect(&nats.url).await?);
@@ -857,7 +970,39 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
             drop(nodes);
         }
     }
+    // The floor: the same NATS work with no node logic, today's record
+    // layout and claims apart from status (issue 14's first direction).
+    let mut floors = Vec::new();
+    for (design, name) in [
+        (
+            FloorDesign::Present,
+            "claim + status in one bucket all nodes watch",
+        ),
+        (
+            FloorDesign::Split,
+            "claims bucket watched, status bucket not",
+        ),
+    ] {
+        progress(&format!("floor: {n} plain claims, {name}"));
+        let own0 = cpu_of(std::process::id());
+        let (took, server) = claims_floor(&nats, n, design).await?;
+        eprintln!(
+            "   {:.2} s; CPU: nats-server {server:.1} s, this process (3 plain claimers and the watch) {:.1} s",
+            took.as_secs_f64(),
+            cpu_of(std::process::id()) - own0
+        );
+        floors.push((name, took.as_secs_f64()));
+    }
     let (o, b, i) = (median(ours), median(raw), median(import));
+    let floor_rows = floors.into_iter().map(|(name, f)| Row {
+        scenario: "claims floor: the NATS work alone, no node logic".into(),
+        params: format!("{n} specs, 3 plain claimers; {name}"),
+        ours: format!("{f:.2} s"),
+        baseline: format!("{b:.2} s (raw KV create of {n} keys)"),
+        ratio: format!("{:.2}×", f / b),
+        target: "—".into(),
+        verdict: "info",
+    });
     Ok(vec![
         Row {
             scenario: "claims: specs written → all running".into(),
@@ -877,7 +1022,10 @@ async fn claims(n: usize, rounds: usize) -> anyhow::Result<Vec<Row>> {
             target: "—".into(),
             verdict: "info",
         },
-    ])
+    ]
+    .into_iter()
+    .chain(floor_rows)
+    .collect())
 }
 
 // ---------------------------------------------------------------- failover
