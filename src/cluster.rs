@@ -355,6 +355,7 @@ impl Cluster {
             claims: HashMap::default(),
             open: HashSet::default(),
             open_stale: true,
+            left_open: HashSet::default(),
             assignment: placement::Assignment::default(),
             view_gen: 1,
             assignment_gen: 0,
@@ -932,6 +933,10 @@ struct Coordinator {
     open: HashSet<String>,
     /// `open` must be rebuilt before it is used (specs forgotten in bulk).
     open_stale: bool,
+    /// Specs that left `open` since the last reconcile: their unclaimed
+    /// time is forgotten there if they are still out then, as the full scan
+    /// did (a claim that came and went between two passes keeps it).
+    left_open: HashSet<String>,
     /// Where placement puts each workload, for view `assignment_gen`.
     assignment: placement::Assignment,
     /// Bumped whenever an input of placement changes.
@@ -1146,8 +1151,9 @@ impl Coordinator {
                 let started = Instant::now();
                 self.reconcile();
                 dirty = false;
-                // A reconcile scans every spec: with many, space them so
-                // they take at most a third of the time (claims go in batches).
+                // A reconcile walks every open spec (all of them during a
+                // claim wave): with many, space them so they take at most a
+                // third of the time (claims go in batches).
                 last = Instant::now() + (Instant::now() - started) * 2;
             }
         }
@@ -1193,9 +1199,8 @@ impl Coordinator {
             if !self.open.contains(id) {
                 self.open.insert(id.to_string());
             }
-        } else {
-            self.open.remove(id);
-            self.unclaimed_since.remove(id); // held: not stranded
+        } else if self.open.remove(id) {
+            self.left_open.insert(id.to_string());
         }
     }
 
@@ -1210,6 +1215,7 @@ impl Coordinator {
         self.unclaimed_since.retain(|id, _| open.contains(id));
         self.open = open;
         self.open_stale = false;
+        self.left_open.clear();
     }
 
     fn apply(&mut self, input: Input) {
@@ -1438,6 +1444,12 @@ impl Coordinator {
         self.live = live;
         if self.holders.refresh(&self.members) || self.open_stale {
             self.rebuild_open();
+        }
+        // Held (or gone) as of now: not stranded.
+        for id in std::mem::take(&mut self.left_open) {
+            if !self.open.contains(&id) {
+                self.unclaimed_since.remove(&id);
+            }
         }
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
