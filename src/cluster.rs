@@ -1523,7 +1523,7 @@ impl Coordinator {
                     None
                 }
                 Some(_) => match self.assignment.get(id) {
-                    Some(Ok(o)) if *o != self.me && handoffs < self.cfg.max_handoffs => {
+                    Some(Ok(o)) if **o != *self.me && handoffs < self.cfg.max_handoffs => {
                         handoffs += 1;
                         Some(format!("placement moved it to {o}"))
                     }
@@ -1585,7 +1585,7 @@ impl Coordinator {
                 continue;
             }
             let target = self.assignment.get(id);
-            let mine = matches!(target, Some(Ok(o)) if *o == self.me);
+            let mine = matches!(target, Some(Ok(o)) if **o == *self.me);
             let claim = self.claims.get(id);
             // Nobody holds it: no claim, an ownerless record, or an owner
             // process known dead. (Not: an owner we cannot yet tell is dead.)

@@ -18,6 +18,7 @@
 //! - A workload no node can take is unplaceable, with the reason.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -66,7 +67,7 @@ pub(crate) fn eligible(node: &NodeInfo, kind: &str, placement: &Placement) -> bo
 }
 
 /// Where each workload should run: `Ok(node id)` or `Err(why not)`.
-pub(crate) type Assignment = HashMap<String, Result<String, String>>;
+pub(crate) type Assignment = HashMap<String, Result<Arc<str>, String>>;
 
 /// Computes the assignment of `workloads` (id, placement, nodes to avoid)
 /// over `nodes`. Avoided nodes are those a device was dead from: skipped
@@ -79,126 +80,112 @@ pub(crate) fn runs(node: &NodeInfo, kind: &str) -> bool {
     kind.is_empty() || node.kinds.is_empty() || node.kinds.iter().any(|k| k == kind)
 }
 
-/// A workload waiting for placement: how many candidates, its hash, id,
-/// kind, placement and the candidate nodes.
-type Candidates<'a> = (usize, u64, &'a str, &'a str, &'a Placement, Vec<&'a str>);
-
 pub(crate) fn assign<'a>(
     nodes: &BTreeMap<String, NodeInfo>,
     workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
 ) -> Assignment {
     let workloads: Vec<(&str, &str, &Placement, &[String])> = workloads.into_iter().collect();
-    let usable: Vec<(&str, &NodeInfo)> = nodes
+    // Usable nodes by index, in id order (a BTreeMap's): comparing indexes
+    // compares ids. Each id is allocated once and shared by every workload
+    // placed on it.
+    let usable: Vec<(Arc<str>, &NodeInfo)> = nodes
         .iter()
         .filter(|(_, n)| !n.draining)
-        .map(|(id, n)| (id.as_str(), n))
+        .map(|(id, n)| (Arc::from(id.as_str()), n))
         .collect();
     let total_weight: f64 = usable.iter().map(|(_, n)| n.weight.max(1e-9)).sum();
     let total = workloads.len() as f64;
-    let mut caps: HashMap<&str, u64> = usable
+    let hard: Vec<u64> = usable
         .iter()
-        .map(|(id, n)| {
+        .map(|(_, n)| n.capacity.map_or(u64::MAX, u64::from))
+        .collect();
+    let mut caps: Vec<u64> = usable
+        .iter()
+        .zip(&hard)
+        .map(|((_, n), hard)| {
             let fair = (total * n.weight.max(1e-9) / total_weight * (1.0 + EPSILON)).ceil() as u64;
-            let hard = n.capacity.map_or(u64::MAX, u64::from);
             // At least one (so a share rounds up), never past the hard capacity.
-            (*id, fair.max(1).min(hard))
+            fair.max(1).min(*hard)
         })
         .collect();
-    let mut load: HashMap<&str, u64> = HashMap::default();
+    let mut load: Vec<u64> = vec![0; usable.len()];
+    let zone = |c: u32| usable[c as usize].1.zone.as_deref();
 
-    // Candidates per workload, most constrained first, then by hash.
-    let mut order: Vec<Candidates> = workloads
-        .iter()
-        .map(|(id, kind, p, avoid)| {
-            let mut cands: Vec<&str> = usable
-                .iter()
-                .filter(|(_, n)| eligible(n, kind, p))
-                .map(|(nid, _)| *nid)
-                .collect();
-            if !avoid.is_empty() {
-                let elsewhere: Vec<&str> = cands
+    // Candidates per workload, all in one vector (no allocation per
+    // workload): (candidates, hash, workload, where its candidates start).
+    let mut flat: Vec<u32> = Vec::with_capacity(workloads.len() * usable.len().min(8));
+    let mut order: Vec<(usize, u64, u32, usize)> = Vec::with_capacity(workloads.len());
+    let mut cands: Vec<u32> = Vec::with_capacity(usable.len());
+    let mut bad_zones: Vec<&str> = Vec::new();
+    for (w, (id, kind, p, avoid)) in workloads.iter().enumerate() {
+        cands.clear();
+        cands.extend((0..usable.len() as u32).filter(|c| eligible(usable[*c as usize].1, kind, p)));
+        let avoided = |c: &u32| avoid.iter().any(|a| **a == *usable[*c as usize].0);
+        if !avoid.is_empty() && cands.iter().any(|c| !avoided(c)) {
+            // Elsewhere than the avoided nodes; in another zone than
+            // theirs if any such candidate exists.
+            cands.retain(|c| !avoided(c));
+            bad_zones.clear();
+            bad_zones.extend(
+                avoid
                     .iter()
-                    .copied()
-                    .filter(|nid| !avoid.iter().any(|a| a == nid))
-                    .collect();
-                if !elsewhere.is_empty() {
-                    let bad_zones: Vec<&str> = avoid
-                        .iter()
-                        .filter_map(|a| nodes.get(a).and_then(|n| n.zone.as_deref()))
-                        .collect();
-                    let other_zone: Vec<&str> = elsewhere
-                        .iter()
-                        .copied()
-                        .filter(|nid| {
-                            nodes[*nid]
-                                .zone
-                                .as_deref()
-                                .is_none_or(|z| !bad_zones.contains(&z))
-                        })
-                        .collect();
-                    cands = if other_zone.is_empty() {
-                        elsewhere
-                    } else {
-                        other_zone
-                    };
-                }
+                    .filter_map(|a| nodes.get(a).and_then(|n| n.zone.as_deref())),
+            );
+            let other_zone = |c: &u32| zone(*c).is_none_or(|z| !bad_zones.contains(&z));
+            if cands.iter().any(other_zone) {
+                cands.retain(other_zone);
             }
-            if let Some(pz) = &p.prefer_zone {
-                let preferred: Vec<&str> = cands
-                    .iter()
-                    .copied()
-                    .filter(|nid| nodes[*nid].zone.as_ref() == Some(pz))
-                    .collect();
-                if !preferred.is_empty() {
-                    cands = preferred;
-                }
+        }
+        if let Some(pz) = &p.prefer_zone {
+            let preferred = |c: &u32| zone(*c) == Some(pz.as_str());
+            if cands.iter().any(preferred) {
+                cands.retain(preferred);
             }
-            (cands.len(), stable_hash("", id), *id, *kind, *p, cands)
-        })
-        .collect();
-    order.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        }
+        order.push((cands.len(), stable_hash("", id), w as u32, flat.len()));
+        flat.extend_from_slice(&cands);
+    }
+    // Most constrained first, then by hash (then id).
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1, workloads[a.2 as usize].0).cmp(&(b.0, b.1, workloads[b.2 as usize].0))
+    });
 
     let mut out = Assignment::with_capacity_and_hasher(order.len(), Default::default());
-    for (_, _, id, kind, placement, mut cands) in order {
-        if cands.is_empty() {
+    let mut scored: Vec<(f64, u32)> = Vec::with_capacity(usable.len());
+    for (n, _, w, start) in order {
+        let (id, kind, placement, _) = workloads[w as usize];
+        if n == 0 {
             out.insert(id.to_string(), Err(why_unplaceable(nodes, kind, placement)));
             continue;
         }
-        cands.sort_unstable_by(|a, b| {
-            let (sa, sb) = (
-                score(a, nodes[*a].weight, id),
-                score(b, nodes[*b].weight, id),
-            );
-            sb.total_cmp(&sa).then_with(|| a.cmp(b))
-        });
-        let has_room = |nid: &&str, cap: u64| load.get(*nid).copied().unwrap_or(0) < cap;
+        // Best score first; equal scores by node id.
+        scored.clear();
+        scored.extend(flat[start..start + n].iter().map(|c| {
+            let (nid, info) = &usable[*c as usize];
+            (score(nid, info.weight, id), *c)
+        }));
+        scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         // The fair share first; past it, any room under the hard capacity.
-        let chosen = cands
+        let chosen = scored
             .iter()
-            .find(|nid| has_room(nid, caps[**nid]))
+            .find(|(_, c)| load[*c as usize] < caps[*c as usize])
             .or_else(|| {
-                cands
+                scored
                     .iter()
-                    .find(|nid| has_room(nid, nodes[**nid].capacity.map_or(u64::MAX, u64::from)))
+                    .find(|(_, c)| load[*c as usize] < hard[*c as usize])
             })
-            .copied();
+            .map(|(_, c)| *c as usize);
         match chosen {
-            Some(nid) => {
-                let l = load.entry(nid).or_insert(0);
-                *l += 1;
-                if *l > caps[nid] {
-                    // Grew past the fair share: lift it so later workloads see it.
-                    caps.insert(nid, *l);
-                }
-                out.insert(id.to_string(), Ok(nid.to_string()));
+            Some(c) => {
+                load[c] += 1;
+                // Grown past the fair share: lift it so later workloads see it.
+                caps[c] = caps[c].max(load[c]);
+                out.insert(id.to_string(), Ok(usable[c].0.clone()));
             }
             None => {
                 out.insert(
                     id.to_string(),
-                    Err(format!(
-                        "every eligible node is at capacity ({} eligible)",
-                        cands.len()
-                    )),
+                    Err(format!("every eligible node is at capacity ({n} eligible)")),
                 );
             }
         }
@@ -286,7 +273,7 @@ mod tests {
     fn loads(a: &Assignment) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for o in a.values().flatten() {
-            *m.entry(o.clone()).or_insert(0) += 1;
+            *m.entry(o.to_string()).or_insert(0) += 1;
         }
         m
     }
@@ -422,5 +409,185 @@ mod tests {
     fn stable_values() {
         // Pinned: changing the hash would make mixed-version clusters disagree.
         assert_eq!(stable_hash("node-1", "w1"), 0x32ed_be3b_fc9d_b797);
+    }
+
+    /// The placement before it stopped allocating per workload, kept as the
+    /// oracle the new one must agree with exactly (mixed-version clusters
+    /// must compute the same assignment).
+    /// A workload waiting for placement: how many candidates, its hash, id,
+    /// kind, placement and the candidate nodes.
+    type Candidates<'a> = (usize, u64, &'a str, &'a str, &'a Placement, Vec<&'a str>);
+
+    fn assign_before<'a>(
+        nodes: &BTreeMap<String, NodeInfo>,
+        workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
+    ) -> HashMap<String, Result<String, String>> {
+        let workloads: Vec<(&str, &str, &Placement, &[String])> = workloads.into_iter().collect();
+        let usable: Vec<(&str, &NodeInfo)> = nodes
+            .iter()
+            .filter(|(_, n)| !n.draining)
+            .map(|(id, n)| (id.as_str(), n))
+            .collect();
+        let total_weight: f64 = usable.iter().map(|(_, n)| n.weight.max(1e-9)).sum();
+        let total = workloads.len() as f64;
+        let mut caps: HashMap<&str, u64> = usable
+            .iter()
+            .map(|(id, n)| {
+                let fair =
+                    (total * n.weight.max(1e-9) / total_weight * (1.0 + EPSILON)).ceil() as u64;
+                let hard = n.capacity.map_or(u64::MAX, u64::from);
+                // At least one (so a share rounds up), never past the hard capacity.
+                (*id, fair.max(1).min(hard))
+            })
+            .collect();
+        let mut load: HashMap<&str, u64> = HashMap::default();
+
+        // Candidates per workload, most constrained first, then by hash.
+        let mut order: Vec<Candidates> = workloads
+            .iter()
+            .map(|(id, kind, p, avoid)| {
+                let mut cands: Vec<&str> = usable
+                    .iter()
+                    .filter(|(_, n)| eligible(n, kind, p))
+                    .map(|(nid, _)| *nid)
+                    .collect();
+                if !avoid.is_empty() {
+                    let elsewhere: Vec<&str> = cands
+                        .iter()
+                        .copied()
+                        .filter(|nid| !avoid.iter().any(|a| a == nid))
+                        .collect();
+                    if !elsewhere.is_empty() {
+                        let bad_zones: Vec<&str> = avoid
+                            .iter()
+                            .filter_map(|a| nodes.get(a).and_then(|n| n.zone.as_deref()))
+                            .collect();
+                        let other_zone: Vec<&str> = elsewhere
+                            .iter()
+                            .copied()
+                            .filter(|nid| {
+                                nodes[*nid]
+                                    .zone
+                                    .as_deref()
+                                    .is_none_or(|z| !bad_zones.contains(&z))
+                            })
+                            .collect();
+                        cands = if other_zone.is_empty() {
+                            elsewhere
+                        } else {
+                            other_zone
+                        };
+                    }
+                }
+                if let Some(pz) = &p.prefer_zone {
+                    let preferred: Vec<&str> = cands
+                        .iter()
+                        .copied()
+                        .filter(|nid| nodes[*nid].zone.as_ref() == Some(pz))
+                        .collect();
+                    if !preferred.is_empty() {
+                        cands = preferred;
+                    }
+                }
+                (cands.len(), stable_hash("", id), *id, *kind, *p, cands)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+
+        let mut out = HashMap::<String, Result<String, String>>::with_capacity_and_hasher(
+            order.len(),
+            Default::default(),
+        );
+        for (_, _, id, kind, placement, mut cands) in order {
+            if cands.is_empty() {
+                out.insert(id.to_string(), Err(why_unplaceable(nodes, kind, placement)));
+                continue;
+            }
+            cands.sort_unstable_by(|a, b| {
+                let (sa, sb) = (
+                    score(a, nodes[*a].weight, id),
+                    score(b, nodes[*b].weight, id),
+                );
+                sb.total_cmp(&sa).then_with(|| a.cmp(b))
+            });
+            let has_room = |nid: &&str, cap: u64| load.get(*nid).copied().unwrap_or(0) < cap;
+            // The fair share first; past it, any room under the hard capacity.
+            let chosen = cands
+                .iter()
+                .find(|nid| has_room(nid, caps[**nid]))
+                .or_else(|| {
+                    cands.iter().find(|nid| {
+                        has_room(nid, nodes[**nid].capacity.map_or(u64::MAX, u64::from))
+                    })
+                })
+                .copied();
+            match chosen {
+                Some(nid) => {
+                    let l = load.entry(nid).or_insert(0);
+                    *l += 1;
+                    if *l > caps[nid] {
+                        // Grew past the fair share: lift it so later workloads see it.
+                        caps.insert(nid, *l);
+                    }
+                    out.insert(id.to_string(), Ok(nid.to_string()));
+                }
+                None => {
+                    out.insert(
+                        id.to_string(),
+                        Err(format!(
+                            "every eligible node is at capacity ({} eligible)",
+                            cands.len()
+                        )),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_same_assignment_as_before_for_random_fleets() {
+        use rand::{Rng, SeedableRng};
+        let zones = [None, Some("z1"), Some("z2"), Some("z3")];
+        for seed in 0..300u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut nodes = BTreeMap::new();
+            for i in 0..rng.gen_range(0..7) {
+                let cap = rng.gen_bool(0.3).then(|| rng.gen_range(0..40));
+                let (id, mut n) = node(&format!("n{i}"), zones[rng.gen_range(0..4)], cap);
+                n.draining = rng.gen_bool(0.15);
+                n.weight = [1.0, 1.0, 2.0, 0.5][rng.gen_range(0..4)];
+                if rng.gen_bool(0.2) {
+                    n.kinds = vec!["sim".into()];
+                }
+                nodes.insert(id, n);
+            }
+            let placements: Vec<Placement> = (0..4)
+                .map(|_| Placement {
+                    zone: rng.gen_bool(0.2).then(|| "z1".to_string()),
+                    prefer_zone: rng.gen_bool(0.3).then(|| "z2".to_string()),
+                    ..Default::default()
+                })
+                .collect();
+            let work: Vec<(String, &str, usize, Vec<String>)> = (0..rng.gen_range(0..120))
+                .map(|w| {
+                    let avoid = (0..rng.gen_range(0..3))
+                        .map(|_| format!("n{}", rng.gen_range(0..7)))
+                        .collect();
+                    let kind = ["sim", "snmp", ""][rng.gen_range(0..3)];
+                    (format!("w{w}"), kind, rng.gen_range(0..4), avoid)
+                })
+                .collect();
+            let input = || {
+                work.iter()
+                    .map(|(id, kind, p, avoid)| (id.as_str(), *kind, &placements[*p], &avoid[..]))
+            };
+            let (now, before) = (assign(&nodes, input()), assign_before(&nodes, input()));
+            let now: HashMap<String, Result<String, String>> = now
+                .into_iter()
+                .map(|(k, v)| (k, v.map(|o| o.to_string())))
+                .collect();
+            assert_eq!(now, before, "seed {seed}");
+        }
     }
 }
