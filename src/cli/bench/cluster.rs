@@ -1171,6 +1171,11 @@ async fn scale_out(n: usize) -> anyhow::Result<Vec<Row>> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct FloorReport {
     bytes_per_item: f64,
+    /// Of which the bare actor, and the bare subscription (client side).
+    #[serde(default)]
+    actor: f64,
+    #[serde(default)]
+    subscription: f64,
 }
 
 /// The hidden `bench mem-floor`: n bare ractor actors + n bare async-nats
@@ -1181,16 +1186,26 @@ pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
     let before = crate::demo::rss_bytes().unwrap_or(0);
     let mut actors = Vec::with_capacity(n);
     let mut subs = Vec::with_capacity(n);
-    for i in 0..n {
+    for _ in 0..n {
         actors.push(ractor::Actor::spawn(None, Bare, ()).await?.0);
+    }
+    let mid = crate::demo::rss_bytes().unwrap_or(0);
+    for i in 0..n {
         subs.push(nc.subscribe(format!("floor.task.*.dev-{i}")).await?);
     }
     nc.flush().await?;
     let after = crate::demo::rss_bytes().unwrap_or(0);
+    let per = |from: u64, to: u64| to.saturating_sub(from) as f64 / n as f64;
     let r = FloorReport {
-        bytes_per_item: after.saturating_sub(before) as f64 / n as f64,
+        bytes_per_item: per(before, after),
+        actor: per(before, mid),
+        subscription: per(mid, after),
     };
     println!("{}", serde_json::to_string(&r)?);
+    // Hold the subscriptions until the parent has read the server's RSS
+    // (it closes our stdin, or kills us).
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
     drop(warm);
     std::process::exit(0); // only the reading matters
 }
@@ -1198,7 +1213,8 @@ pub(crate) async fn mem_floor(server: &str, n: usize) -> anyhow::Result<()> {
 async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
     let nats = Nats::start()?;
     progress(&format!("floor: {n} bare actors + {n} subscriptions"));
-    let out = Proc::new(std::env::current_exe()?)
+    let server_before = rss_of(nats.child.id());
+    let mut child = Proc::new(std::env::current_exe()?)
         .args([
             "bench",
             "mem-floor",
@@ -1207,11 +1223,29 @@ async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
             "--n",
             &n.to_string(),
         ])
-        .output()?;
-    if !out.status.success() {
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+    }
+    // The server holds the floor's subscriptions now: its share per workload.
+    let server_per_sub = rss_of(nats.child.id()).saturating_sub(server_before) as f64 / n as f64;
+    drop(child.stdin.take()); // lets the floor process exit
+    let out = child.wait_with_output()?;
+    if !out.status.success() || line.trim().is_empty() {
         anyhow::bail!("mem-floor failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let floor: FloorReport = serde_json::from_slice(&out.stdout)?;
+    let floor: FloorReport = serde_json::from_slice(line.trim().as_bytes())?;
+    eprintln!(
+        "   floor per workload: bare actor {:.0} B, bare subscription {:.0} B in the client \
+         and {server_per_sub:.0} B in nats-server",
+        floor.actor, floor.subscription
+    );
     progress(&format!("ours: one node, {n} idle sim workloads"));
     let node = nats.node("node-1", &[])?;
     let w = Watcher::connect(&nats.url).await?;
@@ -1221,18 +1255,33 @@ async fn memory(n: usize) -> anyhow::Result<Vec<Row>> {
     let after = rss_of(node.pid());
     let ours = after.saturating_sub(before) as f64 / n as f64;
     let ratio = ours / floor.bytes_per_item;
-    Ok(vec![Row {
-        scenario: "memory per idle workload".into(),
-        params: format!("{n} sim workloads on one node (RSS growth / n)"),
-        ours: format!("{ours:.0} B"),
-        baseline: format!(
-            "{:.0} B (bare ractor actor + bare subscription)",
-            floor.bytes_per_item
+    let subscription_row = Row {
+        scenario: "memory per subscription (the floor's share)".into(),
+        params: format!("{n} bare subscriptions: client + nats-server (RSS growth / n)"),
+        ours: format!("{:.0} B + {server_per_sub:.0} B", floor.subscription),
+        baseline: format!("{:.0} B (bare ractor actor)", floor.actor),
+        ratio: format!(
+            "{:.2}×",
+            (floor.subscription + server_per_sub) / floor.actor.max(1.0)
         ),
-        ratio: format!("{ratio:.2}×"),
-        target: "≤ 1.25×".into(),
-        verdict: verdict(ratio <= 1.25),
-    }])
+        target: "—".into(),
+        verdict: "info",
+    };
+    Ok(vec![
+        Row {
+            scenario: "memory per idle workload".into(),
+            params: format!("{n} sim workloads on one node (RSS growth / n)"),
+            ours: format!("{ours:.0} B"),
+            baseline: format!(
+                "{:.0} B (bare ractor actor + bare subscription)",
+                floor.bytes_per_item
+            ),
+            ratio: format!("{ratio:.2}×"),
+            target: "≤ 1.25×".into(),
+            verdict: verdict(ratio <= 1.25),
+        },
+        subscription_row,
+    ])
 }
 
 // ---------------------------------------------------------------- fan-out
