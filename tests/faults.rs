@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use support::fleet::{
-    add_traced, all_running_on, answered_by_owners, assert_single_drivers, ids, settle,
-    traced_fleet, TTL,
+    add_traced, all_running_on, answered_by_owners, assert_single_drivers,
+    assert_single_drivers_frozen, ids, settle, traced_fleet, unix_ns, TTL,
 };
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
 
@@ -63,10 +63,12 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     op.gone.lock().unwrap().insert("b".into());
     let paused = Instant::now();
     signal(b.pid(), "STOP");
+    let stopped_ns = unix_ns(); // (after the signal: b runs until it lands)
     // Its workloads move while it is frozen…
     all_running_on(&op, &frozen, &["a", "c"], 30).await;
     // …and it stays frozen for 2 × TTL in all (the scenario, not a wait for convergence).
     tokio::time::sleep((paused + 2 * TTL).saturating_duration_since(Instant::now())).await;
+    let resumed_ns = unix_ns();
     signal(b.pid(), "CONT");
     let resumed = Instant::now();
 
@@ -74,7 +76,11 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     let owners = settle(&op, ids, Duration::from_secs(3), 90).await;
     answered_by_owners(&op, &owners).await;
     op.assert_no_double_owner();
-    let trace_lines = assert_single_drivers(&fleet.trace, &fleet.died);
+    let trace_lines = assert_single_drivers_frozen(
+        &fleet.trace,
+        &fleet.died,
+        &HashMap::from([(b.pid(), (stopped_ns, resumed_ns))]),
+    );
     // No stale actor on the resumed node: in the last second, each device is
     // pinged by one process only, the one whose node owns it.
     let pids: HashMap<u32, &str> = [(a.pid(), "a"), (b.pid(), "b"), (c.pid(), "c")].into();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use support::fleet::{
-    add_traced, all_running_on, assert_single_drivers, ids, settle, traced_fleet, traced_fleet_via,
-    traced_fleet_with, TTL,
+    add_traced, all_running_on, assert_single_drivers, assert_single_drivers_frozen, ids, settle,
+    traced_fleet, traced_fleet_via, traced_fleet_with, unix_ns, TTL,
 };
 use support::proxy::StallProxy;
 use support::{eventually, signal, NatsServer, NodeProc, Operator, TempDir};
@@ -207,16 +207,19 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     op.gone.lock().unwrap().insert("b".into());
     let paused = Instant::now();
     signal(b.pid(), "STOP");
+    let stopped = unix_ns(); // (after the signal: b runs until it lands)
     all_running_on(&op, &on_b, &["a", "c"], 30).await;
     // Resume at once: b's connection is still open (the server has not yet
     // given up writing to it), so b finds the requests of the freeze waiting.
     eprintln!("resuming b after {:?}", paused.elapsed());
+    let resumed = unix_ns();
     signal(b.pid(), "CONT");
     // Requests keep flowing while b wakes up, fences and rejoins.
     settle(&op, &fleet.ids, Duration::from_secs(3), 60).await;
     let replies = requests.finish().await;
     assert_every_reply_is_the_owners(&op, &replies, on_b.len(), paused, "b");
-    assert_single_drivers(&fleet.trace, &fleet.died);
+    let frozen = HashMap::from([(b.pid(), (stopped, resumed))]);
+    assert_single_drivers_frozen(&fleet.trace, &fleet.died, &frozen);
 }
 
 /// The same as a frozen process, with the process running: b's connection to

@@ -235,13 +235,44 @@ pub async fn traced_fleet_via(
 /// Asserts that no two instances' device calls overlapped on any device
 /// (start to end of every call; `died`: processes killed, and when); the trace.
 pub fn assert_single_drivers(trace: &Path, died: &HashMap<u32, u128>) -> Vec<TraceLine> {
+    assert_single_drivers_frozen(trace, died, &HashMap::new())
+}
+
+/// How long after its SIGCONT a frozen process may take to finish the poll
+/// it was in when it stopped.
+const RESUME_GRACE_NS: u128 = 250_000_000;
+
+/// [`assert_single_drivers`] for a fleet where processes were frozen
+/// (SIGSTOP) and resumed (SIGCONT): `frozen` is pid → (stopped, resumed),
+/// unix ns, `stopped` taken once the STOP signal was sent and `resumed`
+/// before the CONT. A call of a frozen process that was in flight at the freeze and
+/// ended right after the resume (within 250 ms) is taken to have ended at
+/// the freeze: the process stopped inside one poll of device code, and
+/// finishing that poll is the documented limit of fencing without a
+/// device-side token (ARCHITECTURE.md, "A freeze inside one poll"); the
+/// lease guard stops the call at its next step. A call that went on longer,
+/// and every call started after the resume, counts in full.
+pub fn assert_single_drivers_frozen(
+    trace: &Path,
+    died: &HashMap<u32, u128>,
+    frozen: &HashMap<u32, (u128, u128)>,
+) -> Vec<TraceLine> {
     let lines = read_trace(trace);
     assert!(
         !lines.is_empty(),
         "no device calls traced in {}",
         trace.display()
     );
-    let bad = overlaps(&calls(&lines, died));
+    let mut all = calls(&lines, died);
+    for c in &mut all {
+        let pid: Option<u32> = c.instance.split('/').next().and_then(|p| p.parse().ok());
+        if let (Some((stopped, resumed)), Some(end)) = (pid.and_then(|p| frozen.get(&p)), c.end) {
+            if c.start < *stopped && end >= *resumed && end <= resumed + RESUME_GRACE_NS {
+                c.end = Some(*stopped);
+            }
+        }
+    }
+    let bad = overlaps(&all);
     assert!(
         bad.is_empty(),
         "devices driven by two instances at once: {:?}",
