@@ -63,7 +63,8 @@ async fn a_node_frozen_past_its_ttl_fences_itself_and_nothing_runs_twice() {
     op.gone.lock().unwrap().insert("b".into());
     let paused = Instant::now();
     signal(b.pid(), "STOP");
-    let stopped_ns = unix_ns(); // (after the signal: b runs until it lands)
+    // (Taken after the signal: b runs until it lands.)
+    let stopped_ns = unix_ns();
     // Its workloads move while it is frozen…
     all_running_on(&op, &frozen, &["a", "c"], 30).await;
     // …and it stays frozen for 2 × TTL in all (the scenario, not a wait for convergence).

@@ -207,7 +207,8 @@ async fn a_node_resumed_after_its_ttl_stays_silent_and_every_reply_is_the_owners
     op.gone.lock().unwrap().insert("b".into());
     let paused = Instant::now();
     signal(b.pid(), "STOP");
-    let stopped = unix_ns(); // (after the signal: b runs until it lands)
+    // (Taken after the signal: b runs until it lands.)
+    let stopped = unix_ns();
     all_running_on(&op, &on_b, &["a", "c"], 30).await;
     // Resume at once: b's connection is still open (the server has not yet
     // given up writing to it), so b finds the requests of the freeze waiting.
@@ -501,6 +502,7 @@ async fn a_second_process_under_a_node_id_in_use_is_refused_and_a_stale_one_is_f
     // predecessor looks gone), takes the workloads over the normal way…
     let first_pid = first.pid();
     signal(first_pid, "STOP");
+    let stopped = support::fleet::unix_ns();
     let logs2 = TempDir::new("logs2");
     let second = NodeProc::start(&server.url, "a", &logs2.0, &[]);
     eventually(60, "the second process runs every workload", || async {
@@ -522,7 +524,11 @@ async fn a_second_process_under_a_node_id_in_use_is_refused_and_a_stale_one_is_f
     let log = std::fs::read_to_string(&first.log).unwrap();
     assert_eq!(code, 3, "{}", &log[log.len().saturating_sub(2000)..]);
     assert!(log.contains("two processes run with node id"), "{log}");
-    let lines = assert_single_drivers(&trace, &HashMap::from([(first_pid, resumed)]));
+    let lines = assert_single_drivers_frozen(
+        &trace,
+        &HashMap::from([(first_pid, resumed)]),
+        &HashMap::from([(first_pid, (stopped, resumed))]),
+    );
     assert!(
         !lines
             .iter()

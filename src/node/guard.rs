@@ -179,6 +179,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_call_resumed_past_the_lease_takes_no_further_step() {
+        let lease = Lease::unlimited();
+        lease.renew(Instant::now() + Duration::from_secs(2));
+        let never = CancellationToken::new();
+        let steps = std::sync::Mutex::new(Vec::new());
+        let go = tokio::sync::Notify::new();
+        let mut call = pin!(guarded(Duration::from_secs(60), &lease, &never, async {
+            steps.lock().unwrap().push(1);
+            go.notified().await;
+            steps.lock().unwrap().push(2);
+        }));
+        // The device takes its first step and waits.
+        assert!(futures::FutureExt::now_or_never(call.as_mut()).is_none());
+        // The process is frozen past its lease: time passes with no poll,
+        // and what the device waited for is ready when it resumes.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        go.notify_one();
+        assert!(matches!(call.await, Guarded::Cancelled(LEASE_LOST)));
+        assert_eq!(
+            *steps.lock().unwrap(),
+            vec![1],
+            "a step after the lease ran out"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn cancel_and_deadline_end_a_call() {
         let lease = Lease::unlimited();
         let cancel = CancellationToken::new();
