@@ -131,7 +131,7 @@ async fn interval_ticks_fire_at_their_times_spread_over_the_splay() {
     let end = wall + Duration::from_secs(45);
     let mut offsets = Vec::new();
     for w in &ids {
-        let mine: Vec<Instant> = got
+        let mut mine: Vec<Instant> = got
             .iter()
             .filter(|(x, _)| x == w)
             .map(|(_, t)| *t)
@@ -145,6 +145,18 @@ async fn interval_ticks_fire_at_their_times_spread_over_the_splay() {
             }
             want.push(instant(wall, at, fire));
             t = fire;
+        }
+        // A tick due before the node can have had the schedule (within
+        // 100 ms of adding it) may go unrun: a node runs the ticks due
+        // after it learns of a schedule (seen: one due 0.4 ms after).
+        let learned = instant(wall, at, wall + Duration::from_millis(100));
+        if want.first().is_some_and(|f| *f < learned) {
+            want.remove(0);
+            // (and its run, if it had one: 10 s before the next)
+            mine.retain(|m| {
+                want.first()
+                    .is_none_or(|f| *m + Duration::from_secs(5) > *f)
+            });
         }
         assert!(want.len() >= 4, "{w}: {want:?}");
         assert_eq!(mine.len(), want.len(), "{w}: runs {mine:?}, due {want:?}");
