@@ -31,7 +31,7 @@ for i in 1 2 3; do
     routes=""
     for j in 1 2 3; do [ "$j" != "$i" ] && routes="${routes:+$routes,}nats://127.0.0.1:$((16221 + j))"; done
     mkdir -p "$DIR/nats-$i"
-    nats-server -a 127.0.0.1 -p $((14221 + i)) -n "nats-$i" -js -sd "$DIR/nats-$i" \
+    nats-server -c deploy/nats.conf -a 127.0.0.1 -p $((14221 + i)) -n "nats-$i" -js -sd "$DIR/nats-$i" \
         --cluster_name otto --cluster "nats://127.0.0.1:$((16221 + i))" --routes "$routes" \
         >"$DIR/nats-$i.log" 2>&1 &
     PIDS+=($!)

@@ -356,7 +356,6 @@ impl Cluster {
             open: HashSet::default(),
             open_stale: true,
             left_open: HashSet::default(),
-            assignment: placement::Assignment::default(),
             view_gen: 1,
             assignment_gen: 0,
             unclaimed_since: HashMap::default(),
@@ -868,6 +867,9 @@ enum Input {
 struct SpecEntry {
     revision: u64,
     spec: Result<WorkloadSpec, String>,
+    /// Where placement puts it, as of view `assignment_gen` (`None` until
+    /// the first placement after it arrived).
+    target: Option<placement::Target>,
 }
 
 struct Claim {
@@ -937,8 +939,6 @@ struct Coordinator {
     /// time is forgotten there if they are still out then, as the full scan
     /// did (a claim that came and went between two passes keeps it).
     left_open: HashSet<String>,
-    /// Where placement puts each workload, for view `assignment_gen`.
-    assignment: placement::Assignment,
     /// Bumped whenever an input of placement changes.
     view_gen: u64,
     assignment_gen: u64,
@@ -1310,6 +1310,7 @@ impl Coordinator {
                     SpecEntry {
                         revision: e.revision,
                         spec,
+                        target: None,
                     },
                 );
                 self.touch(&e.key);
@@ -1454,7 +1455,7 @@ impl Coordinator {
         if self.assignment_gen != self.view_gen {
             let none = crate::spec::Placement::default();
             let claims = &self.claims;
-            self.assignment = placement::assign(
+            let targets = placement::assign_each(
                 &self.live,
                 self.specs.iter().map(|(id, e)| {
                     (
@@ -1465,6 +1466,10 @@ impl Coordinator {
                     )
                 }),
             );
+            // (The same map, unchanged since: the same order.)
+            for (e, t) in self.specs.values_mut().zip(targets) {
+                e.target = Some(t);
+            }
             self.assignment_gen = self.view_gen;
         }
         tracing::debug!(
@@ -1522,7 +1527,7 @@ impl Coordinator {
                 {
                     None
                 }
-                Some(_) => match self.assignment.get(id) {
+                Some(s) => match &s.target {
                     Some(Ok(o)) if **o != *self.me && handoffs < self.cfg.max_handoffs => {
                         handoffs += 1;
                         Some(format!("placement moved it to {o}"))
@@ -1584,7 +1589,7 @@ impl Coordinator {
                 self.unclaimed_since.remove(id);
                 continue;
             }
-            let target = self.assignment.get(id);
+            let target = entry.target.as_ref();
             let mine = matches!(target, Some(Ok(o)) if **o == *self.me);
             let claim = self.claims.get(id);
             // Nobody holds it: no claim, an ownerless record, or an owner
@@ -1897,6 +1902,7 @@ impl Coordinator {
             Some(SpecEntry {
                 revision: rev,
                 spec: Ok(spec),
+                ..
             }) if *rev == r.spec_revision => spec.clone(),
             _ => {
                 // The spec changed or went while we claimed: give the claim back.

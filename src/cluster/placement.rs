@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+#[cfg(test)]
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::spec::Placement;
@@ -66,8 +67,12 @@ pub(crate) fn eligible(node: &NodeInfo, kind: &str, placement: &Placement) -> bo
             .all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
-/// Where each workload should run: `Ok(node id)` or `Err(why not)`.
-pub(crate) type Assignment = HashMap<String, Result<Arc<str>, String>>;
+/// Where one workload should run: `Ok(node id)` or `Err(why not)`.
+pub(crate) type Target = Result<Arc<str>, String>;
+
+/// Where each workload should run, by id.
+#[cfg(test)]
+pub(crate) type Assignment = HashMap<String, Target>;
 
 /// Computes the assignment of `workloads` (id, placement, nodes to avoid)
 /// over `nodes`. Avoided nodes are those a device was dead from: skipped
@@ -80,10 +85,28 @@ pub(crate) fn runs(node: &NodeInfo, kind: &str) -> bool {
     kind.is_empty() || node.kinds.is_empty() || node.kinds.iter().any(|k| k == kind)
 }
 
+/// [`assign_each`] as a map by id.
+#[cfg(test)]
 pub(crate) fn assign<'a>(
     nodes: &BTreeMap<String, NodeInfo>,
     workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
 ) -> Assignment {
+    let workloads: Vec<_> = workloads.into_iter().collect();
+    let ids: Vec<&str> = workloads.iter().map(|w| w.0).collect();
+    ids.into_iter()
+        .map(str::to_string)
+        .zip(assign_each(nodes, workloads))
+        .collect()
+}
+
+/// Where each of `workloads` (id, kind, placement, nodes to avoid) should
+/// run, in their order. Nothing is allocated per workload but an
+/// unplaceable one's reason: the coordinator recomputes this over every
+/// spec whenever its view changes.
+pub(crate) fn assign_each<'a>(
+    nodes: &BTreeMap<String, NodeInfo>,
+    workloads: impl IntoIterator<Item = (&'a str, &'a str, &'a Placement, &'a [String])>,
+) -> Vec<Target> {
     let workloads: Vec<(&str, &str, &Placement, &[String])> = workloads.into_iter().collect();
     // Usable nodes by index, in id order (a BTreeMap's): comparing indexes
     // compares ids. Each id is allocated once and shared by every workload
@@ -150,12 +173,13 @@ pub(crate) fn assign<'a>(
         (a.0, a.1, workloads[a.2 as usize].0).cmp(&(b.0, b.1, workloads[b.2 as usize].0))
     });
 
-    let mut out = Assignment::with_capacity_and_hasher(order.len(), Default::default());
+    let mut out: Vec<Target> = Vec::new();
+    out.resize_with(workloads.len(), || Err(String::new()));
     let mut scored: Vec<(f64, u32)> = Vec::with_capacity(usable.len());
     for (n, _, w, start) in order {
         let (id, kind, placement, _) = workloads[w as usize];
         if n == 0 {
-            out.insert(id.to_string(), Err(why_unplaceable(nodes, kind, placement)));
+            out[w as usize] = Err(why_unplaceable(nodes, kind, placement));
             continue;
         }
         // Best score first; equal scores by node id.
@@ -180,13 +204,10 @@ pub(crate) fn assign<'a>(
                 load[c] += 1;
                 // Grown past the fair share: lift it so later workloads see it.
                 caps[c] = caps[c].max(load[c]);
-                out.insert(id.to_string(), Ok(usable[c].0.clone()));
+                out[w as usize] = Ok(usable[c].0.clone());
             }
             None => {
-                out.insert(
-                    id.to_string(),
-                    Err(format!("every eligible node is at capacity ({n} eligible)")),
-                );
+                out[w as usize] = Err(format!("every eligible node is at capacity ({n} eligible)"));
             }
         }
     }

@@ -155,13 +155,23 @@ struct Nats {
     url: String,
 }
 
+/// The nats-server settings the benchmarks run with (README's advice).
+const NATS_CONF: &str = "disable_sublist_cache: true\n";
+
 impl Nats {
     fn start() -> anyhow::Result<Nats> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("ottomato-bench-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("nats.log"))?;
+        // The settings README recommends for fleets: with a subject per
+        // workload, the server's subject-match cache only costs (each
+        // workload's wildcard subscription walks it; see BENCHMARKS.md).
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, NATS_CONF)?;
         let child = Proc::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir.join("js"))
             .stdout(Stdio::null())
