@@ -25,7 +25,7 @@
 //! only through [`KvBucket`] and [`Transport`]: it runs the same on NATS and
 //! on the in-memory backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 // Fx hashing for the coordinator's maps of workload ids: several lookups per
 // spec per reconcile, and ids come from operators, not from attackers.
@@ -53,6 +53,15 @@ mod members;
 pub(crate) mod placement;
 
 use members::{Members, Observed, SentBeats};
+
+/// Placement over every spec runs at most once per this many times its
+/// last duration while only specs change (a claim wave): it is ~20 % of a
+/// node's CPU there otherwise.
+const ASSIGN_SPACING: u32 = 12;
+
+/// The backlog of plain creates holds at most this many times
+/// `claim_concurrency` specs.
+const BACKLOG_FACTOR: usize = 8;
 
 /// A release not confirmed by the watch this long is looked at again.
 const RELEASE_RECHECK: Duration = Duration::from_secs(30);
@@ -358,6 +367,9 @@ impl Cluster {
             left_open: HashSet::default(),
             view_gen: 1,
             assignment_gen: 0,
+            specs_gen: 0,
+            assignment_specs_gen: 0,
+            last_assign: None,
             unclaimed_since: HashMap::default(),
             dead_since: HashMap::default(),
             grace_held: HashMap::default(),
@@ -366,6 +378,7 @@ impl Cluster {
             state_known: false,
             replayed: [None, None, None],
             pending: HashSet::default(),
+            backlog: VecDeque::new(),
             releasing: HashMap::default(),
             running_rev: HashMap::default(),
             failed_rev: HashMap::default(),
@@ -939,9 +952,17 @@ struct Coordinator {
     /// time is forgotten there if they are still out then, as the full scan
     /// did (a claim that came and went between two passes keeps it).
     left_open: HashSet<String>,
-    /// Bumped whenever an input of placement changes.
+    /// Bumped whenever an input of placement other than the set of specs
+    /// changes (membership, avoid lists): placement is recomputed at the
+    /// next reconcile.
     view_gen: u64,
     assignment_gen: u64,
+    /// Bumped by every spec put or delete: placement is recomputed once it
+    /// is due (see `ASSIGN_SPACING`); specs placed since carry no target.
+    specs_gen: u64,
+    assignment_specs_gen: u64,
+    /// When the last placement ended, and how long it took.
+    last_assign: Option<(Instant, Duration)>,
     /// Since when each workload has had no claim by a live node.
     unclaimed_since: HashMap<String, Instant>,
     /// Since when each local workload has been dead.
@@ -959,6 +980,11 @@ struct Coordinator {
     replayed: [Option<HashSet<String>>; 3],
     /// Claims in flight.
     pending: HashSet<String>,
+    /// Specs the last reconcile found ours to create but had no room for
+    /// (`claim_concurrency` claims in flight): each completed claim starts
+    /// the next of them (see [`Coordinator::refill`]), so the claim rate of
+    /// a wave does not wait on reconciles, whose cost grows with the fleet.
+    backlog: VecDeque<String>,
     /// Workloads we are handing over; until their claim's delete is seen.
     releasing: HashMap<String, Instant>,
     /// The spec revision each local workload runs.
@@ -1099,6 +1125,9 @@ impl Coordinator {
                 }
                 Some(r) = results.recv() => {
                     self.on_claimed(r).await;
+                    if self.synced.iter().all(|s| *s) {
+                        self.refill();
+                    }
                     dirty = true;
                 }
                 ev = events.recv() => match ev {
@@ -1314,12 +1343,12 @@ impl Coordinator {
                     },
                 );
                 self.touch(&e.key);
-                self.view_gen += 1;
+                self.specs_gen += 1;
             }
             Input::Spec(Some(KvChange::Delete { key, .. })) => {
                 self.specs.remove(&key);
                 self.touch(&key);
-                self.view_gen += 1;
+                self.specs_gen += 1;
             }
             Input::Node(Some(KvChange::Put(e))) => {
                 let info = serde_json::from_slice::<NodeInfo>(&e.value).unwrap_or_else(|_| {
@@ -1452,7 +1481,16 @@ impl Coordinator {
                 self.unclaimed_since.remove(&id);
             }
         }
-        if self.assignment_gen != self.view_gen {
+        // Placement walks every spec: while specs stream in, it runs at
+        // most once per `ASSIGN_SPACING` times its own duration (new specs
+        // wait for it); a change of membership or avoid lists, at once.
+        let assign_due = self.assignment_gen != self.view_gen
+            || (self.assignment_specs_gen != self.specs_gen
+                && self
+                    .last_assign
+                    .is_none_or(|(end, took)| end.elapsed() >= took * ASSIGN_SPACING));
+        if assign_due {
+            let started = Instant::now();
             let none = crate::spec::Placement::default();
             let claims = &self.claims;
             let targets = placement::assign_each(
@@ -1471,6 +1509,8 @@ impl Coordinator {
                 e.target = Some(t);
             }
             self.assignment_gen = self.view_gen;
+            self.assignment_specs_gen = self.specs_gen;
+            self.last_assign = Some((Instant::now(), started.elapsed()));
         }
         tracing::debug!(
             specs = self.specs.len(),
@@ -1577,9 +1617,19 @@ impl Coordinator {
         // Not every spec: those held by another live holder (most, most of
         // the time) are not in `open`. Nothing to do for them but wait (for
         // a handover, if placement moved one to us).
+        self.backlog.clear();
+        let backlog_max = self.cfg.claim_concurrency.saturating_mul(BACKLOG_FACTOR);
         for id in &self.open {
             if to_claim.len() >= room {
-                break; // the rest after some claims complete
+                // The rest after some claims complete: the plain creates
+                // of ours right away (`refill`), the others next time.
+                if self.backlog.len() >= backlog_max {
+                    break;
+                }
+                if settled && self.plain_create(id) {
+                    self.backlog.push_back(id.clone());
+                }
+                continue;
             }
             let Some(entry) = self.specs.get(id) else {
                 continue; // (never: `touch` keeps `open` within the specs)
@@ -1589,7 +1639,10 @@ impl Coordinator {
                 self.unclaimed_since.remove(id);
                 continue;
             }
-            let target = entry.target.as_ref();
+            let Some(target) = entry.target.as_ref() else {
+                continue; // arrived since placement last ran: placed next time
+            };
+            let target = Some(target);
             let mine = matches!(target, Some(Ok(o)) if **o == *self.me);
             let claim = self.claims.get(id);
             // Nobody holds it: no claim, an ownerless record, or an owner
@@ -1704,6 +1757,46 @@ impl Coordinator {
         // Forget grace holds of workloads we no longer hold or claim.
         self.grace_held
             .retain(|id, _| local.contains(id) || self.pending.contains(id));
+    }
+
+    /// Whether claiming `id` is a plain create by placement: a spec with
+    /// no claim at all, placed on us, not ours already, in flight or
+    /// failed at this revision. (What a reconcile decides the same way for
+    /// such a spec once the node has settled; every other case waits for
+    /// the next reconcile.)
+    fn plain_create(&self, id: &str) -> bool {
+        let Some(entry) = self.specs.get(id) else {
+            return false;
+        };
+        matches!(&entry.target, Some(Ok(o)) if **o == *self.me)
+            && !self.claims.contains_key(id)
+            && !self.pending.contains(id)
+            && !self.releasing.contains_key(id)
+            && !self.node.has_workload(id)
+            && self.failed_rev.get(id) != Some(&entry.revision)
+    }
+
+    /// Starts claims from the backlog while there is room: between
+    /// reconciles, each completed claim makes room for the next.
+    fn refill(&mut self) {
+        if self.fatal.raised() || !self.node.lease_valid() {
+            return;
+        }
+        while self.pending.len() < self.cfg.claim_concurrency {
+            let Some(id) = self.backlog.pop_front() else {
+                return;
+            };
+            if !self.plain_create(&id) {
+                continue; // changed since the reconcile: it decides again
+            }
+            let Some(entry) = self.specs.get(&id) else {
+                continue;
+            };
+            let (rev, spec) = (entry.revision, entry.spec.clone());
+            tracing::debug!(workload = %id, "claiming from the backlog");
+            self.pending.insert(id.clone());
+            self.spawn_claim(id, rev, ClaimKind::Create, spec, Vec::new(), 0);
+        }
     }
 
     /// Hands a workload that is dead here to another node, recording this

@@ -373,6 +373,9 @@ struct World {
     dice: Dice,
     t0: Instant,
     instances: Arc<std::sync::atomic::AtomicU64>,
+    /// Claims a node has in flight at most: a few on even seeds, so most
+    /// claims go through the backlog a completed claim refills.
+    claim_concurrency: usize,
 }
 
 async fn start(id: &str, w: &World, gate: &Gate, ttl: Duration) -> Result<Cluster, NodeError> {
@@ -399,6 +402,7 @@ async fn start(id: &str, w: &World, gate: &Gate, ttl: Duration) -> Result<Cluste
         ClusterConfig {
             unclaimed_grace: Duration::from_secs(12),
             node_ttl: ttl,
+            claim_concurrency: w.claim_concurrency,
             ..Default::default()
         },
     )
@@ -450,6 +454,11 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         dice: Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed))),
         t0: Instant::now(),
         instances: Arc::default(),
+        claim_concurrency: if seed % 2 == 0 {
+            3
+        } else {
+            ClusterConfig::default().claim_concurrency
+        },
     };
     let store = &memory;
     let subjects = Subjects::default();
