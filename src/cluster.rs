@@ -59,6 +59,12 @@ use members::{Members, Observed, SentBeats};
 /// node's CPU there otherwise.
 const ASSIGN_SPACING: u32 = 12;
 
+/// A backlog older than this is left to the next reconcile.
+const BACKLOG_FRESH: Duration = Duration::from_secs(3);
+
+/// The longest that specs streaming in wait for placement.
+const ASSIGN_SPACING_MAX: Duration = Duration::from_secs(2);
+
 /// The backlog of plain creates holds at most this many times
 /// `claim_concurrency` specs.
 const BACKLOG_FACTOR: usize = 8;
@@ -379,6 +385,7 @@ impl Cluster {
             replayed: [None, None, None],
             pending: HashSet::default(),
             backlog: VecDeque::new(),
+            backlog_at: Instant::now(),
             releasing: HashMap::default(),
             running_rev: HashMap::default(),
             failed_rev: HashMap::default(),
@@ -985,6 +992,8 @@ struct Coordinator {
     /// the next of them (see [`Coordinator::refill`]), so the claim rate of
     /// a wave does not wait on reconciles, whose cost grows with the fleet.
     backlog: VecDeque<String>,
+    /// When the reconcile that made `backlog` ran.
+    backlog_at: Instant,
     /// Workloads we are handing over; until their claim's delete is seen.
     releasing: HashMap<String, Instant>,
     /// The spec revision each local workload runs.
@@ -1450,6 +1459,7 @@ impl Coordinator {
 
     fn reconcile(&mut self) {
         if !self.node.lease_valid() {
+            self.backlog.clear();
             return; // no claims and no moves until our lease is back
         }
         // Who is alive changes with time too, not only with watch events.
@@ -1482,13 +1492,14 @@ impl Coordinator {
             }
         }
         // Placement walks every spec: while specs stream in, it runs at
-        // most once per `ASSIGN_SPACING` times its own duration (new specs
-        // wait for it); a change of membership or avoid lists, at once.
+        // most once per `ASSIGN_SPACING` times its own duration, and at
+        // least every `ASSIGN_SPACING_MAX` (new specs wait for it); after a
+        // change of membership or avoid lists, at once.
         let assign_due = self.assignment_gen != self.view_gen
             || (self.assignment_specs_gen != self.specs_gen
-                && self
-                    .last_assign
-                    .is_none_or(|(end, took)| end.elapsed() >= took * ASSIGN_SPACING));
+                && self.last_assign.is_none_or(|(end, took)| {
+                    end.elapsed() >= (took * ASSIGN_SPACING).min(ASSIGN_SPACING_MAX)
+                }));
         if assign_due {
             let started = Instant::now();
             let none = crate::spec::Placement::default();
@@ -1618,6 +1629,7 @@ impl Coordinator {
         // the time) are not in `open`. Nothing to do for them but wait (for
         // a handover, if placement moved one to us).
         self.backlog.clear();
+        self.backlog_at = Instant::now();
         let backlog_max = self.cfg.claim_concurrency.saturating_mul(BACKLOG_FACTOR);
         for id in &self.open {
             if to_claim.len() >= room {
@@ -1778,11 +1790,24 @@ impl Coordinator {
 
     /// Starts claims from the backlog while there is room: between
     /// reconciles, each completed claim makes room for the next.
+    ///
+    /// Only on the placement the backlog was made with, while it is fresh
+    /// (`BACKLOG_FRESH`: who is alive is worked out in reconciles), never
+    /// while draining, and never into the last quarter of the claim room:
+    /// that stays for the other claims of the next reconcile (takeovers of
+    /// a gone node's workloads, grace claims, records of the bookkeeper).
     fn refill(&mut self) {
-        if self.fatal.raised() || !self.node.lease_valid() {
+        if self.fatal.raised()
+            || !self.node.lease_valid()
+            || self.assignment_gen != self.view_gen
+            || self.backlog_at.elapsed() > BACKLOG_FRESH
+            || self.info_of_me().draining
+        {
+            self.backlog.clear();
             return;
         }
-        while self.pending.len() < self.cfg.claim_concurrency {
+        let reserve = self.cfg.claim_concurrency.div_ceil(4);
+        while self.pending.len() + reserve < self.cfg.claim_concurrency {
             let Some(id) = self.backlog.pop_front() else {
                 return;
             };
