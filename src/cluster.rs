@@ -1440,7 +1440,13 @@ impl Coordinator {
                 if self.claims.get(&key).is_some_and(|c| c.revision > revision) {
                     return;
                 }
-                self.claims.remove(&key);
+                if self
+                    .claims
+                    .remove(&key)
+                    .is_some_and(|c| !c.avoid.is_empty())
+                {
+                    self.view_gen += 1; // placement no longer avoids its nodes
+                }
                 self.touch(&key);
                 self.releasing.remove(&key);
                 // Our own delete comes only after the workload left the
