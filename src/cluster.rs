@@ -59,15 +59,15 @@ use members::{Members, Observed, SentBeats};
 /// node's CPU there otherwise.
 const ASSIGN_SPACING: u32 = 12;
 
-/// A backlog older than this is left to the next reconcile.
-const BACKLOG_FRESH: Duration = Duration::from_secs(3);
-
 /// The longest that specs streaming in wait for placement.
 const ASSIGN_SPACING_MAX: Duration = Duration::from_secs(2);
 
 /// The backlog of plain creates holds at most this many times
 /// `claim_concurrency` specs.
 const BACKLOG_FACTOR: usize = 8;
+
+/// A backlog older than this is left to the next reconcile.
+const BACKLOG_FRESH: Duration = Duration::from_secs(3);
 
 /// A release not confirmed by the watch this long is looked at again.
 const RELEASE_RECHECK: Duration = Duration::from_secs(30);
@@ -1134,9 +1134,7 @@ impl Coordinator {
                 }
                 Some(r) = results.recv() => {
                     self.on_claimed(r).await;
-                    if self.synced.iter().all(|s| *s) {
-                        self.refill();
-                    }
+                    self.refill();
                     dirty = true;
                 }
                 ev = events.recv() => match ev {
@@ -1660,8 +1658,7 @@ impl Coordinator {
             let Some(target) = entry.target.as_ref() else {
                 continue; // arrived since placement last ran: placed next time
             };
-            let target = Some(target);
-            let mine = matches!(target, Some(Ok(o)) if **o == *self.me);
+            let mine = matches!(target, Ok(o) if **o == *self.me);
             let claim = self.claims.get(id);
             // Nobody holds it: no claim, an ownerless record, or an owner
             // process known dead. (Not: an owner we cannot yet tell is dead.)
@@ -1702,7 +1699,7 @@ impl Coordinator {
                     ClaimKind::Create
                 }
                 None => {
-                    if let (Some(Err(reason)), true) = (target, bookkeeper && settled) {
+                    if let (Err(reason), true) = (target, bookkeeper && settled) {
                         to_claim.push((
                             id.clone(),
                             entry.revision,
@@ -1797,17 +1794,23 @@ impl Coordinator {
     /// Starts claims from the backlog while there is room: between
     /// reconciles, each completed claim makes room for the next.
     ///
-    /// Only on the placement the backlog was made with, while it is fresh
-    /// (`BACKLOG_FRESH`: who is alive is worked out in reconciles), never
-    /// while draining, and never into the last quarter of the claim room:
+    /// Only on a full view (every watch synced) and the placement the
+    /// backlog was made with, while it is fresh (`BACKLOG_FRESH`: who is
+    /// alive is worked out in reconciles), never while draining, and never
+    /// into the last quarter of the claim room:
     /// that stays for the other claims of the next reconcile (takeovers of
     /// a gone node's workloads, grace claims, records of the bookkeeper).
     fn refill(&mut self) {
+        let draining = self
+            .info
+            .lock()
+            .map_or_else(|p| p.into_inner().draining, |i| i.draining);
         if self.fatal.raised()
+            || !self.synced.iter().all(|s| *s)
             || !self.node.lease_valid()
             || self.assignment_gen != self.view_gen
             || self.backlog_at.elapsed() > BACKLOG_FRESH
-            || self.info_of_me().draining
+            || draining
         {
             self.backlog.clear();
             return;

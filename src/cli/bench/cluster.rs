@@ -155,7 +155,9 @@ struct Nats {
     url: String,
 }
 
-/// The nats-server settings the benchmarks run with (README's advice).
+/// The nats-server settings the benchmarks run with: of
+/// `deploy/nats.conf`, the subject-match cache off, but not
+/// `sync_interval: always` (that would measure this machine's disk).
 const NATS_CONF: &str = "disable_sublist_cache: true\n";
 
 impl Nats {
@@ -164,9 +166,8 @@ impl Nats {
         let dir = std::env::temp_dir().join(format!("ottomato-bench-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("nats.log"))?;
-        // The settings README recommends for fleets: with a subject per
-        // workload, the server's subject-match cache only costs (each
-        // workload's wildcard subscription walks it; see BENCHMARKS.md).
+        // With a subject per workload the server's subject-match cache
+        // only costs: each wildcard subscription walks it (BENCHMARKS.md).
         let conf = dir.join("nats.conf");
         std::fs::write(&conf, NATS_CONF)?;
         let child = Proc::new("nats-server")
