@@ -214,8 +214,9 @@ async fn cron_ticks_fire_on_the_expression() {
         // in the 5 s splay) between the put and now, on time.
         let mut due = Vec::new();
         let mut t = put_at;
+        let mut last_fire = put_at;
         while let Some((tick, fire)) = s.next_run(w, t) {
-            if fire > end - Duration::from_millis(200) {
+            if fire > end {
                 break;
             }
             let secs = tick
@@ -224,13 +225,19 @@ async fn cron_ticks_fire_on_the_expression() {
                 .as_secs();
             assert_eq!(secs % 15, 0, "{w}");
             due.push(instant(wall, at, fire));
-            t = fire;
+            (t, last_fire) = (fire, fire);
         }
         let mine: Vec<Instant> = got
             .iter()
             .filter(|(x, _)| x == w)
             .map(|(_, t)| *t)
             .collect();
+        // A run due in the last 200 ms may not have happened yet (the
+        // ticks are on the wall clock, so where they fall in the window
+        // changes from run to run); if it did, it is checked like the rest.
+        if mine.len() + 1 == due.len() && last_fire > end - Duration::from_millis(200) {
+            due.pop();
+        }
         assert!(due.len() >= 2, "{w}: {due:?}");
         assert_eq!(mine.len(), due.len(), "{w}: ran {mine:?}, due {due:?}");
         for (m, d) in mine.iter().zip(&due) {
